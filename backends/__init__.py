@@ -1,0 +1,1 @@
+"""Backends run a `Program` of stages: NumPy (reference, fallback) and LLVM."""

@@ -1,0 +1,55 @@
+"""The NumPy executable: buffers planned once per batch size, stages run in order."""
+from __future__ import annotations
+
+import numpy as np
+
+from cnncompile.ir.expr import BATCH, Program
+from .run import StageRunner
+
+PERSISTENT = ("param", "buffer", "state")
+PHASES = {"predict": ("forward",), "loss": ("forward", "loss"),
+          "grads": ("forward", "loss", "backward"), "train": ("forward", "loss", "backward", "update")}
+
+
+class Env(dict):
+    """Buffers by tensor name, plus the runtime scalars (batch size, learning rate, ...)."""
+
+    def __init__(self, *args, scalars=None):
+        super().__init__(*args)
+        self.scalars = scalars if scalars is not None else {}
+
+
+class NumpyExecutable:
+    name = "numpy"
+
+    def __init__(self, prog: Program, dtype=np.float32):
+        self.prog, self.dtype = prog, np.dtype(dtype)
+        self.state = {n: self.allocate(s, {}) for n, s in prog.tensors.items() if s.role in PERSISTENT}
+        self.bound: dict[int, tuple[Env, dict]] = {}
+
+    def allocate(self, spec, sizes):
+        shape = tuple(int(d.subs(sizes)) if hasattr(d, "subs") else d for d in spec.shape)
+        return np.zeros(shape, dtype=np.int64 if spec.dtype == "int" else self.dtype)
+
+    def bind(self, batch: int) -> tuple[Env, dict]:
+        """Buffers and stage plans for one batch size, made once and reused."""
+        if batch not in self.bound:
+            sizes = {BATCH: batch}
+            env = Env(scalars={"B": batch})
+            for name, spec in self.prog.tensors.items():
+                env[name] = self.state[name] if spec.role in PERSISTENT else self.allocate(spec, sizes)
+            shapes = {n: a.shape for n, a in env.items()}
+            runners = {part: [StageRunner(s, sizes, shapes) for s in getattr(self.prog, part)]
+                       for part in ("forward", "loss", "backward", "update")}
+            self.bound[batch] = (env, runners)
+        return self.bound[batch]
+
+    def run(self, phase: str, batch: int, feeds: dict, scalars: dict | None = None) -> Env:
+        env, runners = self.bind(batch)
+        for name, value in feeds.items():
+            env[name][...] = value
+        env.scalars.update(scalars or {})
+        for part in PHASES[phase]:
+            for runner in runners[part]:
+                runner(env)
+        return env

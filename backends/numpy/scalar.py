@@ -1,0 +1,85 @@
+"""Turn a stage's scalar body (a sympy expression) into a NumPy closure, once.
+
+Reads and loop variables are looked up by name at call time; everything else is NumPy
+arithmetic on whole arrays, so the body runs over every point of a stage at once.
+"""
+from __future__ import annotations
+
+import numpy as np
+import sympy
+
+from cnncompile.ir.ops.elementwise import sigmoid
+
+
+def compile_expr(expr, lookup_read, lookup_symbol):
+    """``lookup_read(indexed)`` and ``lookup_symbol(symbol)`` return closures ``env → value``."""
+    if isinstance(expr, sympy.Indexed):
+        return lookup_read(expr)
+    if isinstance(expr, sympy.Symbol):
+        return lookup_symbol(expr)
+    if expr.is_Number:
+        value = float(expr)
+        return lambda env: value
+    if expr in (sympy.true, sympy.false):
+        value = bool(expr)
+        return lambda env: value
+    args = [compile_expr(a, lookup_read, lookup_symbol) for a in expr.args]
+    head = type(expr)
+    if head is sympy.Add:
+        return _fold(args, np.add)
+    if head is sympy.Mul:
+        return _fold(args, np.multiply)
+    if head is sympy.Pow:
+        base, exponent = args
+        if expr.exp == -1:
+            return lambda env: 1.0 / base(env)
+        if expr.exp == 2:
+            return lambda env: np.square(base(env))
+        if expr.exp == sympy.Rational(1, 2):
+            return lambda env: np.sqrt(base(env))
+        return lambda env: np.power(base(env), exponent(env))
+    if head is sympy.Piecewise:
+        pairs = list(zip(args[0::2], args[1::2]))
+        return lambda env: _piecewise(pairs, env)
+    if head is sympy.KroneckerDelta:
+        a, b = args
+        return lambda env: np.equal(a(env), b(env))
+    if head in UNARY:
+        f, (a,) = UNARY[head], args
+        return lambda env: f(a(env))
+    if head in BINARY:
+        f, (a, b) = BINARY[head], args
+        return lambda env: f(a(env), b(env))
+    if head in (sympy.Max, sympy.Min):
+        return _fold(args, np.maximum if head is sympy.Max else np.minimum)
+    raise NotImplementedError(f"the NumPy backend cannot evaluate {head.__name__} in {expr}")
+
+
+def _fold(args, op):
+    first, rest = args[0], args[1:]
+
+    def run(env):
+        acc = first(env)
+        for a in rest:
+            acc = op(acc, a(env))
+        return acc
+
+    return run
+
+
+def _piecewise(pairs, env):
+    """The first true condition wins, as in sympy's Piecewise."""
+    result = pairs[-1][0](env)
+    for value, cond in reversed(pairs[:-1]):
+        result = np.where(cond(env), value(env), result)
+    return result
+
+
+def _sigmoid(x):
+    return 0.5 * (np.tanh(0.5 * x) + 1.0)  # stable for large |x|, no overflow warnings
+
+
+UNARY = {sympy.exp: np.exp, sympy.log: np.log, sympy.tanh: np.tanh, sigmoid: _sigmoid,
+         sympy.Abs: np.abs, sympy.sign: np.sign}
+BINARY = {sympy.StrictGreaterThan: np.greater, sympy.StrictLessThan: np.less,
+          sympy.GreaterThan: np.greater_equal, sympy.LessThan: np.less_equal}

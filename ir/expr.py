@@ -1,0 +1,125 @@
+"""Stages: what one step of a layer computes, as an index-sum formula.
+
+A stage is ``out[g(I)] = combine_{R} body`` over a box of outer variables ``I`` and reduction
+variables ``R``. Reads in ``body`` are sympy ``Indexed`` objects with affine indices; a read
+outside its tensor is a guard (the term is skipped), never a padded copy. Gradient stages
+have exactly this form too, plus the constraints and lattice guards that transposition
+produced. Backends and `explain()` read the same objects: there is one source of truth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import sympy
+
+from .affine import Affine, Box, Divides
+
+BATCH = sympy.Symbol("B", integer=True, positive=True)
+
+
+def var(name: str) -> sympy.Symbol:
+    return sympy.Symbol(name, integer=True)
+
+
+def read(tensor: str, *index) -> sympy.Indexed:
+    return sympy.IndexedBase(tensor)[tuple(sympy.sympify(i) for i in index)]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A buffer the program reads or writes. ``shape[0]`` may be the batch symbol ``B``."""
+
+    name: str
+    shape: tuple
+    role: str  # input | label | param | buffer | activation | grad | state | argmax | loss
+    dtype: str = "float"  # float | int
+
+
+@dataclass(frozen=True)
+class Stage:
+    out: str
+    out_index: tuple[Affine, ...]
+    domain: tuple[tuple[str, object], ...]  # outer variables and their extents
+    body: sympy.Expr
+    reduce: tuple[tuple[str, object], ...] = ()  # extent None: bounded by constraints only
+    combine: str | None = None  # None (elementwise) | "sum" | "max"
+    constraints: tuple[Box, ...] = ()
+    guards: tuple[Divides, ...] = ()
+    accumulate: bool = False  # out += ... instead of out = ...
+    argmax: tuple[str, ...] = ()  # one int tensor per reduce variable, recorded by "max"
+    differentiable: bool = True  # False: a numerical device (softmax's shift) with no gradient
+    layer: str = ""
+    role: str = "forward"  # forward | loss | backward | update
+    note: str = ""
+    wrt: str = ""  # for backward stages: which read was differentiated
+
+    def with_(self, **kw) -> "Stage":
+        return replace(self, **kw)
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        return tuple(v for v, _ in self.domain) + tuple(v for v, _ in self.reduce)
+
+    def reads(self) -> list[sympy.Indexed]:
+        """Distinct reads, in a stable order."""
+        return sorted(self.body.atoms(sympy.Indexed), key=sympy.default_sort_key)
+
+    def read_index(self, r: sympy.Indexed) -> tuple[Affine, ...]:
+        return tuple(Affine.from_sympy(i) for i in r.indices)
+
+
+def tensor_of(r: sympy.Indexed) -> str:
+    return str(r.base.label)
+
+
+def var_bounds(stage: Stage) -> dict[str, tuple[list, list]]:
+    """Loop bounds per reduction variable, Fourier–Motzkin style: each constraint bounds the
+    last variable (in loop order) that it mentions; what it says of the others is left as a
+    guard already implied by the innermost bound.
+
+    Returns ``{var: (lowers, uppers)}`` with each bound an ``(Affine numerator, divisor)`` pair
+    meaning ``var ≥ ⌈num/div⌉`` or ``var ≤ ⌊num/div⌋``.
+    """
+    order = [v for v, _ in stage.reduce]
+    out = {v: ([], []) for v in order}
+    for v, ext in stage.reduce:
+        if ext is not None:
+            out[v][0].append((Affine.constant(0), 1))
+            out[v][1].append((Affine.constant(ext - 1), 1))
+    for box in stage.constraints:
+        inner = [v for v in order if box.expr.coeff(v) != 0]
+        if not inner:
+            continue
+        v = inner[-1]
+        a = box.expr.coeff(v)
+        rest = box.expr - Affine.make({v: a})
+        # lo ≤ a·v + rest ≤ hi  ⇒  v between (lo − rest)/a and (hi − rest)/a
+        lo_num, hi_num = (rest.scale(-1) + box.lo), (rest.scale(-1) + box.hi)
+        scale = lo_num.denominator_lcm() * hi_num.denominator_lcm() * a.denominator
+        lo_num, hi_num, div = lo_num.scale(scale), hi_num.scale(scale), int(a * scale)
+        if div < 0:
+            lo_num, hi_num, div = hi_num.scale(-1), lo_num.scale(-1), -div
+        out[v][0].append((lo_num, div))
+        out[v][1].append((hi_num, div))
+    return out
+
+
+@dataclass
+class Program:
+    """Every stage of a compiled network, in execution order, and every buffer they touch."""
+
+    tensors: dict[str, TensorSpec] = field(default_factory=dict)
+    forward: list[Stage] = field(default_factory=list)  # network output (predict)
+    loss: list[Stage] = field(default_factory=list)
+    backward: list[Stage] = field(default_factory=list)
+    update: list[Stage] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)
+    buffers: list[str] = field(default_factory=list)
+    loss_name: str = ""
+    scalars: dict[str, float] = field(default_factory=dict)  # runtime symbols: lr, step...
+
+    def add_tensor(self, spec: TensorSpec) -> None:
+        self.tensors[spec.name] = spec

@@ -1,0 +1,103 @@
+"""The graph IR: a networkx DiGraph of tensors and ops, with every shape inferred and checked.
+
+Tracing a network adds ops here one at a time; each is shape-checked on arrival, so an error
+names the first layer that does not fit. Lowering walks the ops in order and collects their
+forward stages.
+"""
+from __future__ import annotations
+
+import networkx as nx
+
+from .errors import CompileError
+from .expr import Program, Stage, TensorSpec
+from .ops import OPS, OpNode
+
+
+class Graph:
+    def __init__(self):
+        self.nx = nx.DiGraph()
+        self.tensors: dict[str, TensorSpec] = {}
+        self.ops: list[OpNode] = []
+        self.inputs: list[str] = []
+        self.params: list[str] = []  # in state_dict order
+
+    def add_tensor(self, name: str, shape: tuple, role: str, dtype: str = "float") -> str:
+        if name in self.tensors:
+            raise CompileError(f"tensor name {name!r} is used twice")
+        self.tensors[name] = TensorSpec(name, tuple(shape), role, dtype)
+        self.nx.add_node(name, kind="tensor", shape=tuple(shape), role=role)
+        return name
+
+    def add_input(self, name: str, shape: tuple, role: str = "input", dtype: str = "float") -> str:
+        self.inputs.append(name)
+        return self.add_tensor(name, shape, role, dtype)
+
+    def shape(self, tensor: str) -> tuple:
+        return self.tensors[tensor].shape
+
+    def add_op(self, node: OpNode, role: str = "activation", param_tensors: dict | None = None) -> str:
+        """Check shapes, create the op's parameters and output; return the output tensor's name.
+
+        ``param_tensors`` reuses existing parameters (a layer called twice shares its weights).
+        """
+        if node.kind not in OPS:
+            raise CompileError(f"layer '{node.name}' ({node.type}) has no definition in the compiler")
+        op = OPS[node.kind]
+        if node.name in self.nx:
+            k = 2
+            while f"{node.name}#{k}" in self.nx:
+                k += 1
+            node.name = f"{node.name}#{k}"
+        shapes = [self.shape(t) for t in node.inputs]
+        out_shape = op.infer(node, shapes)
+        for local, shape in op.param_shapes(node, shapes).items():
+            full = f"{node.name.split('#')[0]}.{local}"
+            if param_tensors and local in param_tensors:
+                node.params[local] = param_tensors[local]
+                continue
+            node.params[local] = self.add_tensor(full, shape, "param")
+            self.params.append(full)
+        node.output = self.add_tensor(f"{node.name}.out", out_shape, role)
+        self.ops.append(node)
+        self.nx.add_node(node.name, kind="op", op=node)
+        for pos, t in enumerate(node.inputs):
+            self.nx.add_edge(t, node.name, position=pos)
+        for t in node.params.values():
+            self.nx.add_edge(t, node.name, position="param")
+        self.nx.add_edge(node.name, node.output)
+        return node.output
+
+    def lower(self, outputs: list[str], loss: str = "") -> Program:
+        """Forward stages of every op, split into the network's part and the loss's part."""
+        prog = Program(inputs=[t for t in self.inputs if self.tensors[t].role == "input"],
+                       labels=[t for t in self.inputs if self.tensors[t].role == "label"],
+                       outputs=list(outputs), params=list(self.params), loss_name=loss)
+        for spec in self.tensors.values():
+            prog.add_tensor(spec)
+        for node in self.ops:
+            op = OPS[node.kind]
+            shapes = [self.shape(t) for t in node.inputs]
+            for stage in op.lower(node, shapes, self.shape(node.output)):
+                self._declare(prog, stage)
+                (prog.loss if stage.role == "loss" else prog.forward).append(stage)
+        return prog
+
+    def _declare(self, prog: Program, stage: Stage) -> None:
+        """Intermediate buffers a stage writes (``Zc``, argmax records) get their specs here."""
+        if stage.out not in prog.tensors:
+            prog.add_tensor(TensorSpec(stage.out, written_shape(stage),
+                                       "loss" if stage.role == "loss" else "activation"))
+        for name in stage.argmax:
+            prog.add_tensor(TensorSpec(name, prog.tensors[stage.out].shape, "argmax", "int"))
+
+
+def written_shape(stage: Stage) -> tuple:
+    """The extent of each output axis: a variable's own extent, or the interval its map covers."""
+    extents = dict(stage.domain)
+    shape = []
+    for e in stage.out_index:
+        if len(e.coeffs) == 1 and e.coeffs[0][1] == 1 and e.const == 0:
+            shape.append(extents[e.coeffs[0][0]])
+        else:
+            shape.append(e.interval(extents)[1] + 1)
+    return tuple(shape)

@@ -1,0 +1,113 @@
+"""Elementwise ops: activations, joins (residual ``+``, ``*``), and flatten as an index map.
+
+Each body is a scalar formula in the input read; its derivative is sympy's business.
+"""
+from __future__ import annotations
+
+import sympy
+
+from ..affine import Affine
+from ..errors import ShapeError, where
+from ..expr import Stage, read
+from .base import OpDef, elementwise_domain, elementwise_stage, fmt_shape, identity_index, register
+
+
+class sigmoid(sympy.Function):
+    """σ(x) = 1/(1+e^(−x)); its derivative is stated as σ(1−σ), which stays finite for large |x|."""
+
+    def fdiff(self, argindex=1):
+        s = sigmoid(self.args[0])
+        return s * (1 - s)
+
+
+def relu(x):
+    return sympy.Piecewise((x, x > 0), (0, True))
+
+
+def leaky_relu(slope):
+    return lambda x: sympy.Piecewise((x, x > 0), (sympy.Float(slope) * x, True))
+
+
+ACTIVATIONS = {
+    "relu": lambda attrs: relu,
+    "sigmoid": lambda attrs: sigmoid,
+    "tanh": lambda attrs: sympy.tanh,
+    "leaky_relu": lambda attrs: leaky_relu(attrs.get("negative_slope", 0.01)),
+    "scale": lambda attrs: (lambda x: sympy.Float(attrs["factor"]) * x),
+    "shift": lambda attrs: (lambda x: x + sympy.Float(attrs["offset"])),
+}
+
+
+class Activation(OpDef):
+    def infer(self, node, shapes):
+        return shapes[0]
+
+    def lower(self, node, shapes, out_shape):
+        f = ACTIVATIONS[self.kind](node.attrs)
+        return [elementwise_stage(node, node.output, out_shape,
+                                  lambda syms: f(read(node.inputs[0], *syms)), note=self.kind)]
+
+
+for _kind in ACTIVATIONS:
+    register(type(_kind, (Activation,), {"kind": _kind}))
+
+
+JOINS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b}
+
+
+class Join(OpDef):
+    def infer(self, node, shapes):
+        a, b = shapes
+        if tuple(a) != tuple(b):
+            raise ShapeError(f"{where(node)}: cannot {self.kind} tensors of shapes {fmt_shape(a)} and "
+                             f"{fmt_shape(b)}; they must match exactly (a residual branch needs the "
+                             f"same channels and size: add a 1×1 convolution or change its stride)")
+        return a
+
+    def lower(self, node, shapes, out_shape):
+        f = JOINS[self.kind]
+        return [elementwise_stage(node, node.output, out_shape,
+                                  lambda syms: f(read(node.inputs[0], *syms), read(node.inputs[1], *syms)),
+                                  note=self.kind)]
+
+
+for _kind in JOINS:
+    register(type(_kind, (Join,), {"kind": _kind}))
+
+
+@register
+class Flatten(OpDef):
+    """``out[b, c·H·W + h·W + w] = X[b, c, h, w]``: an affine index map, so its gradient is derived too."""
+
+    kind = "flatten"
+
+    def infer(self, node, shapes):
+        (shape,) = shapes
+        if len(shape) < 2:
+            raise ShapeError(f"{where(node)}: cannot flatten a tensor of shape {fmt_shape(shape)}")
+        size = 1
+        for s in shape[1:]:
+            size *= s
+        return (shape[0], size)
+
+    def lower(self, node, shapes, out_shape):
+        (shape,) = shapes
+        domain, syms = elementwise_domain(shape)
+        flat, stride = Affine.constant(0), 1
+        for (name, ext) in reversed(domain[1:]):
+            flat = flat + Affine.make({name: stride})
+            stride *= ext
+        return [Stage(out=node.output, out_index=(Affine.var(domain[0][0]), flat), domain=domain,
+                      body=read(node.inputs[0], *syms), layer=node.name, note="flatten")]
+
+
+@register
+class Identity(OpDef):
+    kind = "identity"
+
+    def infer(self, node, shapes):
+        return shapes[0]
+
+    def lower(self, node, shapes, out_shape):
+        return [elementwise_stage(node, node.output, out_shape, lambda syms: read(node.inputs[0], *syms),
+                                  note="identity")]
