@@ -23,6 +23,10 @@ def compile_expr(expr, lookup_read, lookup_symbol):
     if expr in (sympy.true, sympy.false):
         value = bool(expr)
         return lambda env: value
+    if isinstance(expr, sympy.Piecewise):
+        pairs = [(compile_expr(e, lookup_read, lookup_symbol), compile_expr(c, lookup_read, lookup_symbol))
+                 for e, c in expr.args]
+        return lambda env: _piecewise(pairs, env)
     args = [compile_expr(a, lookup_read, lookup_symbol) for a in expr.args]
     head = type(expr)
     if head is sympy.Add:
@@ -38,9 +42,6 @@ def compile_expr(expr, lookup_read, lookup_symbol):
         if expr.exp == sympy.Rational(1, 2):
             return lambda env: np.sqrt(base(env))
         return lambda env: np.power(base(env), exponent(env))
-    if head is sympy.Piecewise:
-        pairs = list(zip(args[0::2], args[1::2]))
-        return lambda env: _piecewise(pairs, env)
     if head is sympy.KroneckerDelta:
         a, b = args
         return lambda env: np.equal(a(env), b(env))

@@ -1,0 +1,17 @@
+"""cnncompile: compile PyTorch-shaped CNNs into fused training code with derived gradients."""
+from cnncompile.ir.errors import CompileError, ShapeError
+
+from . import nn, optim
+from .compiler import compile
+from .nn.tracing import current as _current
+
+
+def cat(tensors, dim: int = 1):
+    """Channel concatenation of traced tensors (DenseNet)."""
+    if dim != 1:
+        raise CompileError(f"cat: only dim=1 (channels) is supported, got dim={dim}")
+    return _current().add_functional("cat", list(tensors))
+
+
+__all__ = ["CompileError", "ShapeError", "nn", "optim", "compile", "cat"]
+__version__ = "0.1.0"

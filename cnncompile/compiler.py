@@ -1,0 +1,101 @@
+"""``cc.compile``: trace → graph IR → stages → derived gradients → update stages → backend."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from cnncompile.ir.autodiff import derive
+from cnncompile.ir.errors import CompileError
+from cnncompile.nn.loss import Loss
+from cnncompile.nn.module import Module, TracedTensor
+from cnncompile.nn.tracing import Tracer
+
+BACKENDS = ("numpy",)
+
+
+def heads_of(out) -> list[tuple[object, TracedTensor]]:
+    """The network's outputs as (key, tensor): one tensor, a tuple, or a dict (several heads)."""
+    if isinstance(out, TracedTensor):
+        return [(None, out)]
+    if isinstance(out, (tuple, list)):
+        return list(enumerate(out))
+    if isinstance(out, dict):
+        return list(out.items())
+    raise CompileError(f"forward() returned {type(out).__name__}; return a tensor, a tuple or a dict of tensors")
+
+
+def per_head(value, heads, what: str) -> list:
+    """A loss (or weight) for each head, matched like the heads themselves."""
+    keys = [k for k, _ in heads]
+    if keys == [None]:
+        return [value]
+    if isinstance(value, dict) and set(value) == set(keys):
+        return [value[k] for k in keys]
+    if isinstance(value, (tuple, list)) and len(value) == len(keys):
+        return list(value)
+    raise CompileError(f"the network has heads {keys}; give {what} as a matching "
+                       f"{'dict' if isinstance(keys[0], str) else 'tuple'}, got {value!r}")
+
+
+def trace(net: Module, input_shape, loss=None, loss_weights=None):
+    if not isinstance(net, Module):
+        raise CompileError(f"cc.compile expects a cnncompile.nn.Module, got {type(net).__name__}")
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or min(shape) < 1:
+        raise CompileError(f"input_shape must be one example's shape without the batch axis, got {input_shape!r}")
+    tracer = Tracer(net)
+    with tracer:
+        x = tracer.input("input", shape)
+        heads = heads_of(net(x))
+        loss_name, targets = "", []
+        if loss is not None:
+            losses = per_head(loss, heads, "loss")
+            totals = []
+            for (key, pred), fn in zip(heads, losses):
+                if not isinstance(fn, Loss):
+                    raise CompileError(f"loss for head {key!r} must be an nn loss (CrossEntropyLoss, MSELoss, "
+                                       f"L1Loss), got {fn!r}")
+                name = "target" if key is None else f"target.{key}"
+                target = tracer.input(name, fn.target_shape(pred.shape), role="label", dtype=fn.target_dtype)
+                targets.append(target.name)
+                totals.append(tracer.add_loss(fn.kind, [pred, target], type(fn).__name__,
+                                              "loss" if key is None else f"loss.{key}"))
+            weights = per_head(loss_weights, heads, "loss_weights") if loss_weights is not None else [1.0] * len(totals)
+            total = totals[0] if len(totals) == 1 and weights[0] == 1.0 else \
+                tracer.add_loss("weighted_sum", totals, "total", "loss", weights=[float(w) for w in weights])
+            loss_name = total.name
+    return tracer, heads, targets, loss_name
+
+
+def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | None = None, seed: int = 0,
+            dtype="float32", loss_weights=None):
+    """Compile ``net`` into a trainer. See API.md for the contract."""
+    from .model import Model
+
+    started = time.perf_counter()
+    tracer, heads, targets, loss_name = trace(net, input_shape, loss, loss_weights)
+    prog = tracer.graph.lower([t.name for _, t in heads], loss_name)
+    prog.labels = targets
+    if loss is not None:
+        prog.backward = derive(prog, prog.params)
+    if optimizer is not None:
+        if loss is None:
+            raise CompileError("an optimizer needs a loss: pass loss=nn.CrossEntropyLoss() (or another)")
+        prog.update = optimizer.stages(prog)
+    executable = make_executable(prog, backend, np.dtype(dtype))
+    model = Model(net=net, tracer=tracer, heads=heads, prog=prog, executable=executable, loss=loss,
+                  optimizer=optimizer, input_shape=tuple(input_shape))
+    model.reset_parameters(seed)
+    model.compile_seconds = time.perf_counter() - started
+    return model
+
+
+def make_executable(prog, backend, dtype):
+    if dtype not in (np.float32, np.float64):
+        raise CompileError(f"dtype must be float32 or float64, got {dtype}")
+    backend = backend or "numpy"
+    if backend not in BACKENDS:
+        raise CompileError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    from cnncompile.backends.numpy.program import NumpyExecutable
+    return NumpyExecutable(prog, dtype)

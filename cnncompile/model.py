@@ -1,0 +1,138 @@
+"""The compiled model: the trainer a user gets back from ``cc.compile``."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from cnncompile.ir.autodiff import grad_name
+from cnncompile.ir.errors import CompileError
+
+from . import validate
+
+
+class Model:
+    def __init__(self, net, tracer, heads, prog, executable, loss, optimizer, input_shape):
+        self.net, self.tracer, self.heads, self.prog = net, tracer, heads, prog
+        self.executable, self.loss, self.optimizer = executable, loss, optimizer
+        self.input_shape = input_shape
+        self.dtype = executable.dtype
+        self.training = True
+        self.step = 0  # optimizer updates done
+
+    # ----- parameters -------------------------------------------------------------------------
+    @property
+    def graph_ir(self):
+        return self.tracer.graph
+
+    def reset_parameters(self, seed: int = 0) -> None:
+        """PyTorch's default initialisation, drawn layer by layer in state_dict order from ``seed``."""
+        rng = np.random.default_rng(seed)
+        done = set()
+        for name in self.prog.params:
+            layer, _ = self.tracer.param_owner[name]
+            if id(layer) in done:
+                continue
+            done.add(id(layer))
+            tensors = {local: t for t, (owner, local) in self.tracer.param_owner.items() if owner is layer}
+            values = layer.init_params(rng, {local: self.prog.tensors[t].shape for local, t in tensors.items()})
+            for local, t in tensors.items():
+                self.executable.state[t][...] = values[local]
+        for name, spec in self.prog.tensors.items():
+            if spec.role == "state":
+                self.executable.state[name][...] = 0
+        self.step = 0
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        names = self.prog.params + self.prog.buffers
+        return OrderedDict((n, self.executable.state[n].copy()) for n in names)
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        names = self.prog.params + self.prog.buffers
+        missing = [n for n in names if n not in state]
+        unexpected = [k for k in state if k not in names]
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}; "
+                           f"expected exactly {names}")
+        arrays = {}
+        for n in names:
+            if n not in state:
+                continue
+            value = state[n]
+            value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+            want = self.executable.state[n].shape
+            if value.shape != want:
+                raise ValueError(f"load_state_dict: '{n}' has shape {value.shape} in the given state, "
+                                 f"but the model's is {want}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"load_state_dict: '{n}' contains NaN or Inf")
+            arrays[n] = value
+        for n, value in arrays.items():  # all checked first: a bad entry changes nothing
+            self.executable.state[n][...] = value
+
+    # ----- running ----------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        self.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def _feeds(self, x, y):
+        x = validate.as_batch(x, self.input_shape, self.dtype)
+        feeds = {"input": x}
+        if self.loss is None:
+            raise CompileError("this model was compiled without a loss: pass loss=... to cc.compile")
+        keys = [k for k, _ in self.heads]
+        targets = [y] if keys == [None] else [y[k] for k in keys] if isinstance(y, dict) else list(y)
+        if len(targets) != len(keys):
+            raise ValueError(f"expected {len(keys)} targets (one per head {keys}), got {len(targets)}")
+        from .compiler import per_head
+        for (key, pred), fn, target, name in zip(self.heads, per_head(self.loss, self.heads, "loss"), targets,
+                                                 self.prog.labels):
+            what = "target" if key is None else f"target for head {key!r}"
+            if fn.target_dtype == "int":
+                feeds[name] = validate.as_labels(target, len(x), pred.shape[1], what)
+            else:
+                feeds[name] = validate.as_batch(target, fn.target_shape(pred.shape), self.dtype, what)
+                if len(feeds[name]) != len(x):
+                    raise ValueError(f"{what} has {len(feeds[name])} rows but the input has {len(x)}")
+        return x, feeds
+
+    def train_step(self, x, y) -> float:
+        """One fused forward + backward + update on a batch; returns the loss before the update."""
+        if self.optimizer is None:
+            raise CompileError("this model was compiled without an optimizer: pass optimizer=cc.optim.SGD(...)")
+        x, feeds = self._feeds(x, y)
+        env = self.executable.run("train", len(x), feeds, self.optimizer.scalars(self.step + 1))
+        self.step += 1
+        return float(env[self.prog.loss_name][0])
+
+    def loss_and_grads(self, x, y):
+        """Loss and every parameter's gradient, keyed like state_dict; no update."""
+        x, feeds = self._feeds(x, y)
+        env = self.executable.run("grads", len(x), feeds)
+        grads = OrderedDict((n, env[grad_name(n)].copy()) for n in self.prog.params)
+        return float(env[self.prog.loss_name][0]), grads
+
+    def evaluate_loss(self, x, y) -> float:
+        x, feeds = self._feeds(x, y)
+        return float(self.executable.run("loss", len(x), feeds)[self.prog.loss_name][0])
+
+    def predict(self, x, batch_size: int = 256):
+        """The network's output(s) in eval mode, computed in chunks of ``batch_size``."""
+        x = validate.as_batch(x, self.input_shape, self.dtype)
+        parts = []
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size]
+            env = self.executable.run("predict", len(chunk), {"input": chunk})
+            parts.append([env[t.name].copy() for _, t in self.heads])
+        outs = [np.concatenate([p[k] for p in parts]) for k in range(len(self.heads))]
+        keys = [k for k, _ in self.heads]
+        if keys == [None]:
+            return outs[0]
+        return dict(zip(keys, outs)) if isinstance(keys[0], str) else tuple(outs)
+
+    def __repr__(self):
+        return (f"<cnncompile model: {len(self.prog.params)} parameter tensors, backend={self.executable.name}, "
+                f"optimizer={self.optimizer!r}>")

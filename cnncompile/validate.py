@@ -1,0 +1,45 @@
+"""Check every array at the API boundary before any computation, so that native code only ever
+sees buffers of exactly the shapes it was planned for."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_batch(x, example_shape: tuple, dtype, what: str = "input") -> np.ndarray:
+    """``x`` as a C-contiguous ``dtype`` array of shape ``(N, *example_shape)``."""
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # noqa: BLE001 - anything that is not array-like
+        raise TypeError(f"{what} must be an array, got {type(x).__name__}") from exc
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{what} must hold numbers, got dtype {arr.dtype}")
+    if arr.shape[1:] != tuple(example_shape) or arr.ndim != len(example_shape) + 1:
+        raise ValueError(f"{what} has shape {arr.shape}; expected (N, {', '.join(map(str, example_shape))}) "
+                         f"(batch first, then the input_shape given to cc.compile)")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{what} is an empty batch (N = 0)")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} contains NaN or Inf values")
+    return arr
+
+
+def as_labels(y, batch: int, classes: int, what: str = "target") -> np.ndarray:
+    """Class indices as int64 in ``[0, classes)``."""
+    if hasattr(y, "detach"):
+        y = y.detach().cpu().numpy()
+    arr = np.asarray(y)
+    if arr.shape != (batch,):
+        raise ValueError(f"{what} has shape {arr.shape}; CrossEntropyLoss expects class indices of shape ({batch},)")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise ValueError(f"{what} must hold integer class indices, got non-integral floats")
+    elif arr.dtype.kind not in "iub":
+        raise TypeError(f"{what} must hold integer class indices, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= classes):
+        bad = arr[(arr < 0) | (arr >= classes)][0]
+        raise ValueError(f"{what} holds label {bad}, outside 0..{classes - 1} (the network has {classes} outputs)")
+    return arr
