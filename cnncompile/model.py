@@ -136,3 +136,9 @@ class Model:
     def __repr__(self):
         return (f"<cnncompile model: {len(self.prog.params)} parameter tensors, backend={self.executable.name}, "
                 f"optimizer={self.optimizer!r}>")
+
+    # ----- showing ----------------------------------------------------------------------------
+    def explain(self, layer=None, latex: bool = False) -> str:
+        """The forward stages and the derived backward stages of a layer (or of all), as run."""
+        from .explain import explain
+        return explain(self, layer, latex)

@@ -84,8 +84,8 @@ def rename_stage(s: Stage, mapping: dict) -> Stage:
 
 
 def local_derivative(stage: Stage, r: sympy.Indexed):
-    xi = sympy.Dummy("xi", real=True)
-    d = sympy.diff(stage.body.xreplace({r: xi}), xi).xreplace({xi: r})
+    reals = {x: sympy.Dummy(f"r{k}", real=True) for k, x in enumerate(stage.reads())}  # tensors hold reals
+    d = sympy.diff(stage.body.xreplace(reals), reals[r]).xreplace({v: k for k, v in reals.items()})
     out_read = read(stage.out, *(e.to_sympy() for e in stage.out_index))
     if stage.combine == "max":
         for (v, _), winner in zip(stage.reduce, stage.argmax):

@@ -78,14 +78,14 @@ def var_bounds(stage: Stage) -> dict[str, tuple[list, list]]:
     guard already implied by the innermost bound.
 
     Returns ``{var: (lowers, uppers)}`` with each bound an ``(Affine numerator, divisor)`` pair
-    meaning ``var ≥ ⌈num/div⌉`` or ``var ≤ ⌊num/div⌋``.
+    meaning ``var ≥ ⌈num/div⌉`` or ``var ≤ ⌊num/div⌋`` (a sympy expression for the batch extent).
     """
     order = [v for v, _ in stage.reduce]
     out = {v: ([], []) for v in order}
     for v, ext in stage.reduce:
         if ext is not None:
             out[v][0].append((Affine.constant(0), 1))
-            out[v][1].append((Affine.constant(ext - 1), 1))
+            out[v][1].append((Affine.constant(ext - 1) if isinstance(ext, int) else ext - 1, 1))
     for box in stage.constraints:
         inner = [v for v in order if box.expr.coeff(v) != 0]
         if not inner:

@@ -1,0 +1,52 @@
+"""Shared by the tests: finite differences and the PyTorch twin of a network."""
+from __future__ import annotations
+
+import numpy as np
+
+import cnncompile as cc
+
+
+def finite_difference_grads(model, x, y, eps=1e-6):
+    """Central differences of the loss for every parameter element (float64 models only)."""
+    state = model.executable.state
+    grads = {}
+    for name in model.prog.params:
+        p = state[name]
+        g = np.zeros_like(p)
+        for idx in np.ndindex(p.shape):
+            old = p[idx]
+            p[idx] = old + eps
+            plus = model.evaluate_loss(x, y)
+            p[idx] = old - eps
+            minus = model.evaluate_loss(x, y)
+            p[idx] = old
+            g[idx] = (plus - minus) / (2 * eps)
+        grads[name] = g
+    return grads
+
+
+def max_relative_error(a: dict, b: dict) -> float:
+    worst = 0.0
+    for name in a:
+        scale = max(np.abs(b[name]).max(), 1e-8)
+        worst = max(worst, float(np.abs(a[name] - b[name]).max() / scale))
+    return worst
+
+
+def check_gradients(net, input_shape, loss, x, y, backend="numpy", tol=1e-6):
+    model = cc.compile(net, input_shape=input_shape, loss=loss, dtype="float64", backend=backend, seed=1)
+    _, analytic = model.loss_and_grads(x, y)
+    numeric = finite_difference_grads(model, x, y)
+    err = max_relative_error(analytic, numeric)
+    assert err < tol, f"gradient error {err:.2e}"
+    return err
+
+
+def torch_state(model):
+    import torch
+    return {k: torch.tensor(v) for k, v in model.state_dict().items()}
+
+
+def relative(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-8))

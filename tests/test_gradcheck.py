@@ -1,0 +1,80 @@
+"""Every op's derived gradient against float64 central differences, over a grid of geometries.
+
+A 1×1 convolution sits in front of the op under test so that the op's input gradient (the
+transposed, gathered formula) is checked through that convolution's weight gradient.
+"""
+import itertools
+
+import numpy as np
+import pytest
+
+from cnncompile import nn
+from helpers import check_gradients
+
+rng = np.random.default_rng(0)
+X = rng.standard_normal((2, 2, 9, 8))
+BACKENDS = ["numpy"]
+
+
+def probe(layer, flat_features=None):
+    return nn.Sequential(nn.Conv2d(2, 3, 1), layer, nn.Flatten())
+
+
+def regression_target(net, shape=(2, 2, 9, 8)):
+    import cnncompile as cc
+    out = cc.compile(net, input_shape=shape[1:]).predict(X)
+    return rng.standard_normal(out.shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stride,padding,dilation", list(itertools.product([1, 2, 3], [0, 1, 2], [1, 2])))
+def test_conv_geometry(backend, stride, padding, dilation):
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.Conv2d(3, 2, (3, 2), stride=stride, padding=padding,
+                                                      dilation=dilation), nn.Flatten())
+    check_gradients(net, (2, 9, 8), nn.MSELoss(), X, regression_target(net), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 0), ((3, 2), (2, 1), (1, 0))])
+def test_max_pool(backend, kernel, stride, padding):
+    net = probe(nn.MaxPool2d(kernel, stride, padding))
+    check_gradients(net, (2, 9, 8), nn.MSELoss(), X, regression_target(net), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kernel,stride,padding,include", [(2, 2, 0, True), (3, 2, 1, True), (3, 2, 1, False),
+                                                           (3, 1, 1, False)])
+def test_avg_pool(backend, kernel, stride, padding, include):
+    net = probe(nn.AvgPool2d(kernel, stride, padding, count_include_pad=include))
+    check_gradients(net, (2, 9, 8), nn.MSELoss(), X, regression_target(net), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", [nn.ReLU(), nn.Sigmoid(), nn.Tanh(), nn.LeakyReLU(0.1)])
+def test_activations(backend, activation):
+    net = probe(activation)
+    check_gradients(net, (2, 9, 8), nn.MSELoss(), X, regression_target(net), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), nn.MSELoss(), nn.L1Loss()])
+def test_linear_and_losses(backend, loss):
+    net = nn.Sequential(nn.Conv2d(2, 2, 3, stride=2), nn.Flatten(), nn.Linear(24, 5), nn.Tanh(), nn.Linear(5, 4))
+    y = rng.integers(0, 4, 2) if isinstance(loss, nn.CrossEntropyLoss) else rng.standard_normal((2, 4))
+    check_gradients(net, (2, 9, 8), loss, X, y, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_join_and_scalars(backend):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 2, 3, padding=1)
+            self.b = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            h = nn.functional.relu(self.a(x))
+            return nn.functional.flatten(self.b(h) * 0.5 + x - h * h)
+
+    net = Block()
+    check_gradients(net, (2, 9, 8), nn.MSELoss(), X, regression_target(net), backend)
