@@ -142,3 +142,13 @@ class Model:
         """The forward stages and the derived backward stages of a layer (or of all), as run."""
         from .explain import explain
         return explain(self, layer, latex)
+
+    def fit(self, train, epochs: int = 1, batch_size: int = 64, validation=None, seed: int = 0, verbose=True):
+        """Train over ``train = (x, y)`` for ``epochs``; returns the history (loss, val accuracy, time)."""
+        from .train import fit
+        return fit(self, train, epochs, batch_size, validation, seed, verbose)
+
+    def summary(self) -> str:
+        """A table: layer, output shape, parameters, MACs, receptive field (size, jump, start)."""
+        from .summary import summary
+        return summary(self)
