@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 
@@ -11,7 +12,7 @@ from cnncompile.nn.loss import Loss
 from cnncompile.nn.module import Module, TracedTensor
 from cnncompile.nn.tracing import Tracer
 
-BACKENDS = ("numpy",)
+BACKENDS = ("llvm", "numpy")
 
 
 def heads_of(out) -> list[tuple[object, TracedTensor]]:
@@ -94,8 +95,15 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
 def make_executable(prog, backend, dtype):
     if dtype not in (np.float32, np.float64):
         raise CompileError(f"dtype must be float32 or float64, got {dtype}")
-    backend = backend or "numpy"
+    backend = backend or "llvm"
     if backend not in BACKENDS:
         raise CompileError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "llvm":
+        try:
+            from cnncompile.backends.llvm.program import LLVMExecutable
+        except ImportError as exc:  # llvmlite missing or unloadable: NumPy runs the same stages
+            warnings.warn(f"llvmlite cannot be loaded ({exc}); using the NumPy backend", RuntimeWarning)
+        else:
+            return LLVMExecutable(prog, dtype)
     from cnncompile.backends.numpy.program import NumpyExecutable
     return NumpyExecutable(prog, dtype)

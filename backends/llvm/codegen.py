@@ -1,0 +1,298 @@
+"""Stages → loop nests → one LLVM module with a driver function per phase.
+
+Schedule (how loops run), per residue class of a stage:
+- loop order: outer variables, then the reduction variables, with the longer of the last outer
+  and the last reduction variable innermost (unit-stride, so the vectorizer takes it);
+- bounds: every constraint, and every read's range (out of range ⇒ the term is skipped) bounds
+  the innermost loop variable it mentions (Fourier–Motzkin), so no test runs inside loops and
+  no load can leave its buffer;
+- threads: the outermost loop (always an output variable) is split evenly over the threads;
+  each output element is reduced by one thread in a fixed order, so results do not depend on
+  the thread count; a spin barrier separates stages.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import sympy
+
+from cnncompile.ir.affine import Affine, Box
+from cnncompile.ir.expr import Program, Stage, tensor_of
+from ..residue import residue_classes, substitute
+from .emit import FAST, BodyWriter, FunctionWriter
+
+PHASES = {"predict": ("forward",), "loss": ("forward", "loss"),
+          "grads": ("forward", "loss", "backward"), "train": ("forward", "loss", "backward", "update")}
+
+
+def dims(shape) -> list:
+    return [d if isinstance(d, int) else "B" for d in shape]
+
+
+class ModuleWriter:
+    def __init__(self, prog: Program, ftype: str, prefix: str):
+        self.prog, self.ft, self.prefix = prog, ftype, prefix
+        self.tensor_ids = {name: k for k, name in enumerate(prog.tensors)}
+        self.scalar_names = sorted({s.name for st in self.all_stages() for s in st.body.free_symbols
+                                    if not s.is_integer} - {"B"})
+        self.functions: list[str] = []
+        self.declares: set[str] = set()
+
+    def all_stages(self):
+        return self.prog.forward + self.prog.loss + self.prog.backward + self.prog.update
+
+    # ----- one stage ----------------------------------------------------------------------------
+    def stage_function(self, k: int, stage: Stage) -> tuple[str, list[str]]:
+        tensors = sorted({tensor_of(r) for r in stage.body.atoms(sympy.Indexed)} | {stage.out} | set(stage.argmax))
+        fw = FunctionWriter(self.ft)
+        for geo in residue_classes(stage):
+            self.class_nest(fw, stage, geo, tensors)
+        self.declares |= fw.declares
+        params = ", ".join(f"ptr noalias %a{j}" for j in range(len(tensors)))
+        name = f"@{self.prefix}_stage{k}"
+        text = (f"define internal void {name}({params}, ptr noalias %scalars, i64 %B, i64 %tid, i64 %nt) {{\n"
+                f"entry:\n  %Bm1 = sub i64 %B, 1\n" + "\n".join(fw.allocas) + "\n" + "\n".join(fw.lines)
+                + "\n  ret void\n}\n")
+        self.functions.append(text)
+        return name, tensors
+
+    def class_nest(self, fw: FunctionWriter, stage: Stage, geo, tensors) -> None:
+        grid = list(geo.grid)
+        outer, reduce_ = grid[: geo.n_outer], grid[geo.n_outer:]
+        out_index = [e.subs(geo.subst) for e in stage.out_index]
+        identity = {"sum": 0.0, "max": float("-inf")}.get(stage.combine)
+        body = substitute(stage.body, geo.subst) if not geo.empty else sympy.S.Zero
+        shapes = {t: dims(self.prog.tensors[t].shape) for t in tensors}
+        ptr = {t: f"%a{j}" for j, t in enumerate(tensors)}
+        order = loop_order(outer, reduce_)
+        terms = sympy.Add.make_args(body) if (stage.combine != "max" and body.is_Add
+                                              and out_of_range(body, grid, shapes)) else (body,)
+        needs_init = not stage.accumulate and (bool(reduce_) or len(terms) > 1 or geo.empty
+                                                or any(set(c.expr.vars) <= {v for v, _ in outer}
+                                                       for c in geo.constraints))
+        if needs_init:
+            self.nest(fw, outer, [o for o, _ in outer], [], bool(outer),
+                      lambda vals: self.store(fw, stage.out, out_index, vals, shapes, ptr, fw.fconst(identity or 0.0)))
+        if geo.empty:
+            return
+        for term in terms:
+            constraints = list(geo.constraints) + read_ranges(term, grid, shapes)
+            accumulate = stage.accumulate or needs_init
+            self.nest(fw, grid, order, constraints, bool(outer),
+                      lambda vals, term=term: self.statement(fw, stage, term, out_index, geo, vals, shapes, ptr,
+                                                             accumulate))
+
+    def nest(self, fw, grid, order, constraints, split: bool, statement) -> None:
+        """Loops in ``order`` with Fourier–Motzkin bounds; the first loop (an output variable) is
+        split over the threads; without output variables thread 0 runs the whole nest."""
+        extents = dict(grid)
+        bounds = {v: ([(Affine.constant(0), 1)], [(extent_minus_one(extents[v]), 1)]) for v in order}
+        position = {v: k for k, v in enumerate(order)}
+        for c in constraints:
+            present = [v for v in order if c.expr.coeff(v) != 0]
+            if not present:
+                if not c.lo <= c.expr.const <= c.hi:
+                    return  # never true: no iteration at all
+                continue
+            v = max(present, key=position.get)
+            a = c.expr.coeff(v)
+            rest = c.expr - Affine.make({v: a})
+            lo_num, hi_num = rest.scale(-1) + c.lo, rest.scale(-1) + c.hi
+            scale = lo_num.denominator_lcm() * hi_num.denominator_lcm() * a.denominator
+            lo_num, hi_num, div = lo_num.scale(scale), hi_num.scale(scale), int(a * scale)
+            if div < 0:
+                lo_num, hi_num, div = hi_num.scale(-1), lo_num.scale(-1), -div
+            bounds[v][0].append((lo_num, div))
+            bounds[v][1].append((hi_num, div))
+        vals: dict = {}
+
+        def level(k: int) -> None:
+            if k == len(order):
+                statement(vals)
+                return
+            v = order[k]
+            lo = self.bound(fw, bounds[v][0], vals, lower=True)
+            hi = self.bound(fw, bounds[v][1], vals, lower=False)
+            if k == 0 and split:  # this thread's share of the outermost loop
+                n = extent_value(extents[v])
+                start = fw.op(f"sdiv i64 {fw.imul(n, '%tid')}, %nt")
+                next_start = fw.op(f"sdiv i64 {fw.imul(n, fw.iadd('%tid', 1))}, %nt")
+                stop = fw.op(f"sub nsw i64 {next_start}, 1")
+                lo, hi = fw.smax(lo, start), fw.smin(hi, stop)
+
+            def inner(value):
+                vals[v] = value
+                level(k + 1)
+
+            fw.loop(lo, hi, inner)
+
+        if split:
+            level(0)
+        else:
+            fw.when(fw.op("icmp eq i64 %tid, 0"), lambda: level(0))
+
+    def bound(self, fw, items, vals, lower: bool):
+        result = None
+        for num, div in items:
+            value = fw.affine(num, vals) if isinstance(num, Affine) else num
+            value = fw.ceildiv(value, div) if lower else fw.floordiv(value, div)
+            result = value if result is None else (fw.smax if lower else fw.smin)(result, value)
+        return result
+
+    def offset(self, fw, tensor, index, vals, shapes):
+        shape = shapes[tensor]
+        flat = None
+        for k, e in enumerate(index):
+            stride = 1
+            for d in shape[k + 1:]:
+                stride *= d
+            term = fw.affine(e, vals)
+            term = term if stride == 1 else fw.imul(term, stride)
+            flat = term if flat is None else fw.iadd(flat, term)
+        return flat or "0"
+
+    def address(self, fw, tensor, index, vals, shapes, ptr):
+        elem = "i64" if self.prog.tensors[tensor].dtype == "int" else self.ft
+        at = self.offset(fw, tensor, index, vals, shapes)
+        return elem, fw.op(f"getelementptr inbounds {elem}, ptr {ptr[tensor]}, i64 {at}", "p")
+
+    def store(self, fw, tensor, index, vals, shapes, ptr, value):
+        elem, p = self.address(fw, tensor, index, vals, shapes, ptr)
+        fw.raw(f"store {elem} {value}, ptr {p}")
+
+    def statement(self, fw, stage, term, out_index, geo, vals, shapes, ptr, accumulate) -> None:
+        def load_read(r):
+            index = [Affine.from_sympy(i) for i in r.indices]
+            elem, p = self.address(fw, tensor_of(r), index, vals, shapes, ptr)
+            return fw.op(f"load {elem}, ptr {p}"), ("i" if elem == "i64" else "f")
+
+        def symbol(s):
+            if s.name in vals:
+                return vals[s.name], "i"
+            if s.name == "B":
+                return "%B", "i"
+            slot = fw.op(f"getelementptr inbounds double, ptr %scalars, i64 {self.scalar_names.index(s.name)}", "p")
+            value = fw.op(f"load double, ptr {slot}")
+            return (value if self.ft == "double" else fw.op(f"fptrunc double {value} to float")), "f"
+
+        writer = BodyWriter(fw, load_read, symbol)
+        value = writer.as_float(writer.emit(term))
+        _, p = self.address(fw, stage.out, out_index, vals, shapes, ptr)
+        if stage.combine == "max":
+            cur = fw.op(f"load {self.ft}, ptr {p}")
+            greater = fw.op(f"fcmp ogt {self.ft} {value}, {cur}")
+            first_nan = fw.op(f"and i1 {fw.op(f'fcmp uno {self.ft} {value}, {value}')}, "
+                              f"{fw.op(f'fcmp ord {self.ft} {cur}, {cur}')}")
+            take = fw.op(f"or i1 {greater}, {first_nan}")
+            fw.raw(f"store {self.ft} {fw.op(f'select i1 {take}, {self.ft} {value}, {self.ft} {cur}')}, ptr {p}")
+            for (r, _), name in zip(stage.reduce, stage.argmax):
+                _, ap = self.address(fw, name, out_index, vals, shapes, ptr)
+                old = fw.op(f"load i64, ptr {ap}")
+                fw.raw(f"store i64 {fw.op(f'select i1 {take}, i64 {fw.affine(geo.subst[r], vals)}, i64 {old}')}, "
+                       f"ptr {ap}")
+            return
+        if accumulate:
+            value = fw.op(f"fadd {FAST} {self.ft} {fw.op(f'load {self.ft}, ptr {p}')}, {value}")
+        fw.raw(f"store {self.ft} {value}, ptr {p}")
+
+    # ----- the module ---------------------------------------------------------------------------
+    def module(self) -> str:
+        stage_fns = {}
+        for part in ("forward", "loss", "backward", "update"):
+            for k, stage in enumerate(getattr(self.prog, part)):
+                stage_fns[(part, k)] = self.stage_function(len(stage_fns), stage)
+        drivers = [self.driver(phase, parts, stage_fns) for phase, parts in PHASES.items()]
+        head = "\n".join(sorted(self.declares | {BARRIER_DECLARES}))
+        return head + "\n\n" + BARRIER + "\n" + "\n".join(self.functions) + "\n" + "\n".join(drivers)
+
+    def driver(self, phase: str, parts, stage_fns) -> str:
+        lines = ["entry:", "  %sense = alloca i32", "  %shared = getelementptr inbounds i32, ptr %bar, i64 1",
+                 "  %s0 = load atomic i32, ptr %shared acquire, align 4", "  store i32 %s0, ptr %sense"]
+        n = 0
+        for part in parts:
+            for k, _ in enumerate(getattr(self.prog, part)):
+                name, tensors = stage_fns[(part, k)]
+                args = []
+                for t in tensors:
+                    n += 1
+                    slot = f"%slot{n}"
+                    lines.append(f"  {slot} = getelementptr inbounds ptr, ptr %bufs, i64 {self.tensor_ids[t]}")
+                    lines.append(f"  %buf{n} = load ptr, ptr {slot}")
+                    args.append(f"ptr %buf{n}")
+                lines.append(f"  call void {name}({', '.join(args)}, ptr %scalars, i64 %B, i64 %tid, i64 %nt)")
+                lines.append("  call void @cc_barrier(ptr %bar, ptr %sense, i64 %nt)")
+        lines.append("  ret void")
+        return (f"define void @{self.prefix}_{phase}(ptr %bufs, ptr %scalars, i64 %B, i64 %tid, i64 %nt, ptr %bar) "
+                "{\n" + "\n".join(lines) + "\n}\n")
+
+
+def loop_order(outer, reduce_) -> list[str]:
+    """Outer variables, then reductions; the last outer one goes innermost when it is the longer."""
+    names_out, names_red = [v for v, _ in outer], [v for v, _ in reduce_]
+    if len(outer) >= 2 and reduce_:
+        last_out, last_red = outer[-1][1], reduce_[-1][1]
+        if isinstance(last_out, int) and isinstance(last_red, int) and last_out >= last_red:
+            return names_out[:-1] + names_red + names_out[-1:]
+    return names_out + names_red
+
+
+def extent_minus_one(ext):
+    return Affine.constant(ext - 1) if isinstance(ext, int) else "%Bm1"
+
+
+def extent_value(ext) -> str:
+    return str(ext) if isinstance(ext, int) else "%B"
+
+
+def read_ranges(term, grid, shapes) -> list[Box]:
+    """Every read's index must stay inside its tensor: out of range, the term is skipped."""
+    extents = dict(grid)
+    out = []
+    for r in term.atoms(sympy.Indexed):
+        for e, size in zip((Affine.from_sympy(i) for i in r.indices), shapes[tensor_of(r)]):
+            if size == "B":
+                if len(e.coeffs) == 1 and e.const == 0 and e.coeffs[0][1] == 1 and not isinstance(extents[e.coeffs[0][0]], int):
+                    continue
+                raise NotImplementedError(f"internal: batch index {e} is not the batch variable")
+            if all(isinstance(extents.get(v), int) for v in e.vars):
+                lo, hi = e.interval(extents)
+                if lo >= 0 and hi <= size - 1:
+                    continue
+            out.append(Box(e, 0, size - 1))
+    return out
+
+
+def out_of_range(body, grid, shapes) -> bool:
+    return bool(read_ranges(body, grid, shapes))
+
+
+BARRIER_DECLARES = "declare void @llvm.x86.sse2.pause()"
+BARRIER = """define internal void @cc_barrier(ptr %bar, ptr %sense, i64 %nt) {
+entry:
+  %single = icmp sle i64 %nt, 1
+  br i1 %single, label %done, label %arrive
+arrive:
+  %s = load i32, ptr %sense
+  %ns = xor i32 %s, 1
+  store i32 %ns, ptr %sense
+  %shared = getelementptr inbounds i32, ptr %bar, i64 1
+  %old = atomicrmw add ptr %bar, i32 1 acq_rel
+  %old64 = sext i32 %old to i64
+  %nt1 = sub i64 %nt, 1
+  %last = icmp eq i64 %old64, %nt1
+  br i1 %last, label %release, label %spin
+release:
+  store atomic i32 0, ptr %bar monotonic, align 4
+  store atomic i32 %ns, ptr %shared release, align 4
+  br label %done
+spin:
+  %cur = load atomic i32, ptr %shared acquire, align 4
+  %same = icmp eq i32 %cur, %ns
+  br i1 %same, label %done, label %pause
+pause:
+  call void @llvm.x86.sse2.pause()
+  br label %spin
+done:
+  ret void
+}
+"""

@@ -1,0 +1,232 @@
+"""A small textual-LLVM-IR writer: integer index arithmetic, loops, and scalar bodies from sympy.
+
+Float arithmetic carries ``contract reassoc nsz arcp afn`` (never nnan/ninf: NaN propagates);
+float constants are written as exact hex doubles.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import sympy
+
+from cnncompile.ir.ops.elementwise import sigmoid
+
+FAST = "contract reassoc nsz arcp afn"
+
+
+def hex_const(value: float, ftype: str) -> str:
+    if ftype == "float":
+        value = float(np.float32(value))
+    if value != value:
+        return "0x7FF8000000000000"
+    if value in (float("inf"), float("-inf")):
+        return "0x7FF0000000000000" if value > 0 else "0xFFF0000000000000"
+    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", value))[0]
+
+
+class FunctionWriter:
+    """Lines of one function body, with fresh names and alloca-based loop counters (SROA promotes them)."""
+
+    def __init__(self, ftype: str):
+        self.ft = ftype
+        self.lines: list[str] = []
+        self.allocas: list[str] = []
+        self.count = 0
+        self.declares: set[str] = set()
+
+    def fresh(self, stem: str = "t") -> str:
+        self.count += 1
+        return f"%{stem}{self.count}"
+
+    def label(self, stem: str) -> str:
+        self.count += 1
+        return f"{stem}{self.count}"
+
+    def op(self, text: str, stem: str = "t") -> str:
+        name = self.fresh(stem)
+        self.lines.append(f"  {name} = {text}")
+        return name
+
+    def raw(self, text: str) -> None:
+        self.lines.append(f"  {text}")
+
+    def block(self, name: str) -> None:
+        self.lines.append(f"{name}:")
+
+    # ----- integers -----------------------------------------------------------------------------
+    def iadd(self, a, b):
+        return self.op(f"add nsw i64 {a}, {b}")
+
+    def imul(self, a, b):
+        return self.op(f"mul nsw i64 {a}, {b}")
+
+    def smax(self, a, b):
+        self.declares.add("declare i64 @llvm.smax.i64(i64, i64)")
+        return self.op(f"call i64 @llvm.smax.i64(i64 {a}, i64 {b})")
+
+    def smin(self, a, b):
+        self.declares.add("declare i64 @llvm.smin.i64(i64, i64)")
+        return self.op(f"call i64 @llvm.smin.i64(i64 {a}, i64 {b})")
+
+    def floordiv(self, n, d: int):
+        if d == 1:
+            return n
+        q = self.op(f"sdiv i64 {n}, {d}")
+        r = self.op(f"srem i64 {n}, {d}")
+        return self.iadd(q, self.op(f"ashr i64 {r}, 63"))  # −1 exactly when the remainder is negative
+
+    def ceildiv(self, n, d: int):
+        if d == 1:
+            return n
+        return self.op(f"sub nsw i64 0, {self.floordiv(self.op(f'sub nsw i64 0, {n}'), d)}")
+
+    def affine(self, expr, values: dict):
+        """An integral `Affine` evaluated from the loop variables' SSA values."""
+        total = str(int(expr.const))
+        for v, c in expr.coeffs:
+            term = values[v] if c == 1 else self.imul(values[v], int(c))
+            total = term if total == "0" else self.iadd(total, term)
+        return total
+
+    def loop(self, lo: str, hi: str, body) -> None:
+        """``for v in [lo, hi]: body(v)`` (inclusive bounds)."""
+        slot = f"%slot{self.count + 1}"
+        self.count += 1
+        self.allocas.append(f"  {slot} = alloca i64")
+        head, inner, done = self.label("head"), self.label("body"), self.label("done")
+        self.raw(f"store i64 {lo}, ptr {slot}")
+        self.raw(f"br label %{head}")
+        self.block(head)
+        v = self.op(f"load i64, ptr {slot}", "v")
+        cond = self.op(f"icmp sle i64 {v}, {hi}")
+        self.raw(f"br i1 {cond}, label %{inner}, label %{done}")
+        self.block(inner)
+        body(v)
+        self.raw(f"store i64 {self.op(f'add nsw i64 {v}, 1')}, ptr {slot}")
+        self.raw(f"br label %{head}")
+        self.block(done)
+
+    def when(self, cond: str, body) -> None:
+        yes, done = self.label("then"), self.label("endif")
+        self.raw(f"br i1 {cond}, label %{yes}, label %{done}")
+        self.block(yes)
+        body()
+        self.raw(f"br label %{done}")
+        self.block(done)
+
+    # ----- floats -------------------------------------------------------------------------------
+    def fconst(self, value) -> str:
+        return hex_const(float(value), self.ft)
+
+    def fbin(self, opname: str, a, b):
+        return self.op(f"{opname} {FAST} {self.ft} {a}, {b}")
+
+    def intrinsic(self, name: str, *args):
+        suffix = "f32" if self.ft == "float" else "f64"
+        sig = ", ".join([self.ft] * len(args))
+        self.declares.add(f"declare {self.ft} @llvm.{name}.{suffix}({sig})")
+        call_args = ", ".join(f"{self.ft} {a}" for a in args)
+        return self.op(f"call {FAST} {self.ft} @llvm.{name}.{suffix}({call_args})")
+
+
+class BodyWriter:
+    """Emit a stage body: reads become loads at computed offsets, sympy ops become IR."""
+
+    def __init__(self, fw: FunctionWriter, load_read, symbol):
+        self.fw, self.load_read, self.symbol = fw, load_read, symbol
+
+    def as_float(self, value):
+        v, kind = value
+        if kind == "f":
+            return v
+        if kind == "n":
+            return self.fw.fconst(v)
+        if kind == "b":
+            return self.fw.op(f"uitofp i1 {v} to {self.fw.ft}")
+        return self.fw.op(f"sitofp i64 {v} to {self.fw.ft}")
+
+    def as_int(self, value):
+        v, kind = value
+        if kind == "n":
+            return str(int(v))
+        if kind == "i":
+            return v
+        return None
+
+    def emit(self, e):
+        fw = self.fw
+        if isinstance(e, sympy.Indexed):
+            return self.load_read(e)
+        if isinstance(e, sympy.Symbol):
+            return self.symbol(e)
+        if e.is_Number:
+            return (int(e) if e.is_Integer else float(e)), "n"
+        if e is sympy.true or e is sympy.false:
+            return ("true" if e is sympy.true else "false"), "b"
+        if isinstance(e, sympy.Piecewise):
+            result = self.as_float(self.emit(e.args[-1].expr))
+            for pair in reversed(e.args[:-1]):
+                cond, _ = self.emit(pair.cond)
+                result = fw.op(f"select i1 {cond}, {fw.ft} {self.as_float(self.emit(pair.expr))}, {fw.ft} {result}")
+            return result, "f"
+        args = [self.emit(a) for a in e.args]
+        head = type(e)
+        if head in (sympy.Add, sympy.Mul):
+            if all(k in "in" for _, k in args):
+                total = self.as_int(args[0])
+                for a in args[1:]:
+                    total = (fw.iadd if head is sympy.Add else fw.imul)(total, self.as_int(a))
+                return total, "i"
+            total = self.as_float(args[0])
+            for a in args[1:]:
+                total = fw.fbin("fadd" if head is sympy.Add else "fmul", total, self.as_float(a))
+            return total, "f"
+        if head is sympy.Pow:
+            base, exponent = self.as_float(args[0]), e.exp
+            if exponent == -1:
+                return fw.fbin("fdiv", fw.fconst(1.0), base), "f"
+            if exponent == sympy.Rational(1, 2):
+                return fw.intrinsic("sqrt", base), "f"
+            if exponent.is_Integer and 0 < exponent <= 4:
+                total = base
+                for _ in range(int(exponent) - 1):
+                    total = fw.fbin("fmul", total, base)
+                return total, "f"
+            return fw.intrinsic("pow", base, self.as_float(args[1])), "f"
+        if head in (sympy.exp, sympy.log, sympy.tanh, sympy.Abs):
+            name = {sympy.exp: "exp", sympy.log: "log", sympy.tanh: "tanh", sympy.Abs: "fabs"}[head]
+            return fw.intrinsic(name, self.as_float(args[0])), "f"
+        if head is sigmoid:
+            x = self.as_float(args[0])
+            ex = fw.intrinsic("exp", fw.op(f"fneg {FAST} {fw.ft} {x}"))
+            return fw.fbin("fdiv", fw.fconst(1.0), fw.fbin("fadd", fw.fconst(1.0), ex)), "f"
+        if head is sympy.sign:
+            x = self.as_float(args[0])
+            pos = fw.op(f"fcmp ogt {fw.ft} {x}, {fw.fconst(0)}")
+            neg = fw.op(f"fcmp olt {fw.ft} {x}, {fw.fconst(0)}")
+            inner = fw.op(f"select i1 {neg}, {fw.ft} {fw.fconst(-1)}, {fw.ft} {fw.fconst(0)}")
+            return fw.op(f"select i1 {pos}, {fw.ft} {fw.fconst(1)}, {fw.ft} {inner}"), "f"
+        if head in COMPARE:
+            icmp, fcmp = COMPARE[head]
+            if all(k in "in" for _, k in args):
+                return fw.op(f"icmp {icmp} i64 {self.as_int(args[0])}, {self.as_int(args[1])}"), "b"
+            return fw.op(f"fcmp {fcmp} {fw.ft} {self.as_float(args[0])}, {self.as_float(args[1])}"), "b"
+        if head is sympy.KroneckerDelta:
+            eq = self.emit(sympy.Eq(*e.args, evaluate=False))
+            return eq
+        if head in (sympy.Max, sympy.Min):
+            if all(k in "in" for _, k in args):
+                total = self.as_int(args[0])
+                for a in args[1:]:
+                    total = (fw.smax if head is sympy.Max else fw.smin)(total, self.as_int(a))
+                return total, "i"
+            total = self.as_float(args[0])
+            for a in args[1:]:
+                total = fw.intrinsic("maxnum" if head is sympy.Max else "minnum", total, self.as_float(a))
+            return total, "f"
+        raise NotImplementedError(f"the LLVM backend cannot emit {head.__name__} in {e}")
+
+
+COMPARE = {sympy.StrictGreaterThan: ("sgt", "ogt"), sympy.StrictLessThan: ("slt", "olt"),
+           sympy.GreaterThan: ("sge", "oge"), sympy.LessThan: ("sle", "ole"), sympy.Equality: ("eq", "oeq")}

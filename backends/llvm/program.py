@@ -1,0 +1,124 @@
+"""The LLVM executable: one native call per phase, run by every worker thread at once.
+
+Buffers are owned here (64-byte aligned, planned once per batch size). Each phase function
+runs all its stages; the threads split each stage's outermost loop and meet at a barrier in
+native code, so a ``train_step`` is one ctypes call per thread.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import numpy as np
+
+from cnncompile.ir.expr import BATCH, Program
+from .codegen import PHASES, ModuleWriter
+from .jit import Compiled
+
+PERSISTENT = ("param", "buffer", "state")
+ALIGN = 64
+PHASE_SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                   ctypes.c_int64, ctypes.c_void_p)
+_loaded: dict[str, Compiled] = {}
+_loaded_lock = threading.Lock()
+
+
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    raw = np.zeros(n * dtype.itemsize + ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start:start + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def thread_count() -> int:
+    wanted = os.environ.get("CNNCOMPILE_THREADS")
+    return max(1, int(wanted)) if wanted else max(1, min(2, len(os.sched_getaffinity(0))))
+
+
+class Env(dict):
+    def __init__(self, *args, scalars=None):
+        super().__init__(*args)
+        self.scalars = scalars if scalars is not None else {}
+
+
+class Workers:
+    """Persistent threads that each call the phase function with their thread index."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.jobs = [threading.Semaphore(0) for _ in range(n - 1)]
+        self.done = threading.Semaphore(0)
+        self.task = None
+        for k in range(1, n):
+            threading.Thread(target=self._serve, args=(k,), daemon=True).start()
+
+    def _serve(self, k: int) -> None:
+        while True:
+            self.jobs[k - 1].acquire()
+            self.task(k)
+            self.done.release()
+
+    def run(self, task) -> None:
+        self.task = task
+        for job in self.jobs:
+            job.release()
+        task(0)
+        for _ in self.jobs:
+            self.done.acquire()
+
+
+class LLVMExecutable:
+    name = "llvm"
+
+    def __init__(self, prog: Program, dtype=np.float32, use_cache: bool = True):
+        self.prog, self.dtype = prog, np.dtype(dtype)
+        ftype = "float" if self.dtype == np.float32 else "double"
+        placeholder = "cnncc_PREFIX"
+        text = ModuleWriter(prog, ftype, placeholder).module()
+        self.scalar_names = ModuleWriter(prog, ftype, placeholder).scalar_names
+        from .jit import fingerprint
+        prefix = "cc_" + fingerprint(text)[:16]
+        self.ir_text = text.replace(placeholder, prefix)
+        with _loaded_lock:
+            if prefix not in _loaded:
+                _loaded[prefix] = Compiled(self.ir_text, use_cache)
+        self.compiled = _loaded[prefix]
+        self.phases = {p: PHASE_SIGNATURE(self.compiled.address(f"{prefix}_{p}")) for p in PHASES}
+        self.state = {n: self.allocate(s, 1) for n, s in prog.tensors.items() if s.role in PERSISTENT}
+        self.bound: dict[int, tuple] = {}
+        self.threads = thread_count()
+        self.workers = Workers(self.threads)
+        self.barrier = aligned_zeros((16,), np.int32)
+        self.scalars = aligned_zeros((max(1, len(self.scalar_names)),), np.float64)
+
+    def allocate(self, spec, batch: int) -> np.ndarray:
+        shape = tuple(batch if d is BATCH else d for d in spec.shape)
+        return aligned_zeros(shape, np.int64 if spec.dtype == "int" else self.dtype)
+
+    def bind(self, batch: int):
+        if batch not in self.bound:
+            env = Env(scalars={"B": batch})
+            for name, spec in self.prog.tensors.items():
+                env[name] = self.state[name] if spec.role in PERSISTENT else self.allocate(spec, batch)
+            pointers = (ctypes.c_void_p * len(env))(*(env[n].ctypes.data for n in self.prog.tensors))
+            self.bound[batch] = (env, pointers)
+        return self.bound[batch]
+
+    def run(self, phase: str, batch: int, feeds: dict, scalars: dict | None = None) -> Env:
+        """Run a phase; ``feeds`` must already be validated arrays of the planned shapes."""
+        env, pointers = self.bind(batch)
+        for name, value in feeds.items():
+            target = env[name]
+            if value.shape != target.shape:
+                raise ValueError(f"internal: feed {name} has shape {value.shape}, planned {target.shape}")
+            target[...] = value
+        env.scalars.update(scalars or {})
+        for k, name in enumerate(self.scalar_names):
+            self.scalars[k] = env.scalars.get(name, 0.0)
+        fn, ptrs, scal, bar = self.phases[phase], ctypes.addressof(pointers), self.scalars.ctypes.data, \
+            self.barrier.ctypes.data
+        n = self.threads
+        self.workers.run(lambda tid: fn(ptrs, scal, batch, tid, n, bar))
+        return env
