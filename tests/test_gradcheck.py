@@ -13,7 +13,7 @@ from helpers import check_gradients
 
 rng = np.random.default_rng(0)
 X = rng.standard_normal((2, 2, 9, 8))
-BACKENDS = ["numpy"]
+BACKENDS = ["numpy", "llvm"]
 
 
 def probe(layer, flat_features=None):

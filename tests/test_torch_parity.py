@@ -9,7 +9,7 @@ from cnncompile import nn as cnn
 from helpers import relative, torch_state
 
 import torch  # noqa: E402  (the test extra: torch==2.13.0)
-BACKENDS = ["numpy"]
+BACKENDS = ["numpy", "llvm"]
 
 
 def lenet5(nn):

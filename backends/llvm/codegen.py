@@ -201,26 +201,30 @@ class ModuleWriter:
         for part in ("forward", "loss", "backward", "update"):
             for k, stage in enumerate(getattr(self.prog, part)):
                 stage_fns[(part, k)] = self.stage_function(len(stage_fns), stage)
-        drivers = [self.driver(phase, parts, stage_fns) for phase, parts in PHASES.items()]
+        drivers = [self.driver(phase, [stage_fns[key] for key in keys]) for phase, keys in self.phase_stages(stage_fns)]
         head = "\n".join(sorted(self.declares | {BARRIER_DECLARES}))
         return head + "\n\n" + BARRIER + "\n" + "\n".join(self.functions) + "\n" + "\n".join(drivers)
 
-    def driver(self, phase: str, parts, stage_fns) -> str:
+    def phase_stages(self, stage_fns):
+        """Each phase's stages in order, and one single-stage driver per stage (for profiling)."""
+        for phase, parts in PHASES.items():
+            yield phase, [(part, k) for part in parts for k, _ in enumerate(getattr(self.prog, part))]
+        for n, key in enumerate(stage_fns):
+            yield f"only{n}", [key]
+
+    def driver(self, phase: str, calls) -> str:
         lines = ["entry:", "  %sense = alloca i32", "  %shared = getelementptr inbounds i32, ptr %bar, i64 1",
                  "  %s0 = load atomic i32, ptr %shared acquire, align 4", "  store i32 %s0, ptr %sense"]
         n = 0
-        for part in parts:
-            for k, _ in enumerate(getattr(self.prog, part)):
-                name, tensors = stage_fns[(part, k)]
-                args = []
-                for t in tensors:
-                    n += 1
-                    slot = f"%slot{n}"
-                    lines.append(f"  {slot} = getelementptr inbounds ptr, ptr %bufs, i64 {self.tensor_ids[t]}")
-                    lines.append(f"  %buf{n} = load ptr, ptr {slot}")
-                    args.append(f"ptr %buf{n}")
-                lines.append(f"  call void {name}({', '.join(args)}, ptr %scalars, i64 %B, i64 %tid, i64 %nt)")
-                lines.append("  call void @cc_barrier(ptr %bar, ptr %sense, i64 %nt)")
+        for name, tensors in calls:
+            args = []
+            for t in tensors:
+                n += 1
+                lines.append(f"  %slot{n} = getelementptr inbounds ptr, ptr %bufs, i64 {self.tensor_ids[t]}")
+                lines.append(f"  %buf{n} = load ptr, ptr %slot{n}")
+                args.append(f"ptr %buf{n}")
+            lines.append(f"  call void {name}({', '.join(args)}, ptr %scalars, i64 %B, i64 %tid, i64 %nt)")
+            lines.append("  call void @cc_barrier(ptr %bar, ptr %sense, i64 %nt)")
         lines.append("  ret void")
         return (f"define void @{self.prefix}_{phase}(ptr %bufs, ptr %scalars, i64 %B, i64 %tid, i64 %nt, ptr %bar) "
                 "{\n" + "\n".join(lines) + "\n}\n")

@@ -50,7 +50,7 @@ def engine():
 def fingerprint(ir_text: str) -> str:
     h = hashlib.sha256()
     for part in (ir_text, llvmlite.__version__, str(llvm.llvm_version_info), llvm.get_host_cpu_name(),
-                 llvm.get_host_cpu_features().flatten(), "O3+loop+slp"):
+                 llvm.get_host_cpu_features().flatten(), "O3+loop+slp-interleave"):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -61,6 +61,7 @@ def optimize(module) -> None:
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     pto.loop_vectorization = True
     pto.slp_vectorization = True
+    pto.loop_interleaving = False
     pb = llvm.create_pass_builder(tm, pto)
     pb.getModulePassManager().run(module, pb)
 

@@ -85,7 +85,9 @@ class LLVMExecutable:
             if prefix not in _loaded:
                 _loaded[prefix] = Compiled(self.ir_text, use_cache)
         self.compiled = _loaded[prefix]
-        self.phases = {p: PHASE_SIGNATURE(self.compiled.address(f"{prefix}_{p}")) for p in PHASES}
+        stages = prog.forward + prog.loss + prog.backward + prog.update
+        names = list(PHASES) + [f"only{k}" for k in range(len(stages))]
+        self.phases = {p: PHASE_SIGNATURE(self.compiled.address(f"{prefix}_{p}")) for p in names}
         self.state = {n: self.allocate(s, 1) for n, s in prog.tensors.items() if s.role in PERSISTENT}
         self.bound: dict[int, tuple] = {}
         self.threads = thread_count()
