@@ -152,3 +152,8 @@ class Model:
         """A table: layer, output shape, parameters, MACs, receptive field (size, jump, start)."""
         from .summary import summary
         return summary(self)
+
+    def source(self, kind: str = "llvm") -> str:
+        """The generated code: "llvm" (IR as generated), "asm" (after O3, this CPU), or "numpy"."""
+        from cnncompile.backends import sources
+        return sources.render(self.prog, kind, self.dtype, getattr(self.executable, "compiled", None))

@@ -66,13 +66,22 @@ def optimize(module) -> None:
     pb.getModulePassManager().run(module, pb)
 
 
+MAGIC = b"cnncompile-object-1\n"
+
+
 def read_cache(key: str) -> bytes | None:
+    """The object code of an entry whose checksum holds; anything else (truncated, foreign,
+    garbage) is a miss: LLVM is never handed bytes we did not write whole."""
     path = cache_dir() / f"{key}.o"
     try:
         data = path.read_bytes()
     except OSError:
         return None
-    return data if data.startswith(b"\x7fELF") else None  # anything else is a miss
+    head = len(MAGIC) + 32
+    if not data.startswith(MAGIC) or len(data) <= head:
+        return None
+    payload = data[head:]
+    return payload if hashlib.sha256(payload).digest() == data[len(MAGIC):head] else None
 
 
 def write_cache(key: str, data: bytes) -> None:
@@ -82,7 +91,7 @@ def write_cache(key: str, data: bytes) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".o")
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(MAGIC + hashlib.sha256(data).digest() + data)
         os.replace(tmp, directory / f"{key}.o")
     except OSError:
         pass  # a cache that cannot be written only costs time

@@ -1,0 +1,165 @@
+"""The LLVM backend against the NumPy reference, with every buffer poisoned first, and the
+properties of the generated code: packed FMA, determinism, cache robustness, validation."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import cnncompile as cc
+from cnncompile import nn
+from cnncompile.backends.llvm import jit
+from cnncompile.backends.llvm.program import LLVMExecutable
+from cnncompile.backends.numpy.program import NumpyExecutable
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.pool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+        self.head = nn.Linear(4 * 3 * 3, 5)
+
+    def forward(self, x):
+        h = nn.functional.relu(self.conv(x))
+        h = nn.functional.tanh(self.a(h)) + h
+        h = nn.functional.max_pool2d(h, 3, stride=1, padding=1) * 0.5
+        return self.head(nn.functional.flatten(self.pool(h)))
+
+
+NETS = {
+    "lenet": (lambda: nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.Sigmoid(),
+                                    nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 10)), (1, 32, 32)),
+    "strided": (lambda: nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=3, padding=2, dilation=2), nn.LeakyReLU(0.2),
+                                      nn.Conv2d(3, 5, 2, stride=2, dilation=2), nn.Flatten(), nn.Linear(20, 5)), (2, 13, 11)),
+    "residual": (Residual, (3, 11, 10)),
+}
+
+
+def poison(executable, batch):
+    env = executable.bind(batch)[0]
+    for name, spec in executable.prog.tensors.items():
+        if spec.role not in ("param", "buffer", "state", "input", "label"):
+            env[name][...] = -987654321 if spec.dtype == "int" else np.nan
+    return env
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_llvm_matches_numpy_on_every_buffer(name):
+    build, shape = NETS[name]
+    model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy", seed=2)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, *shape)).astype(np.float32)
+    y = rng.integers(0, 5, 5)
+    _, feeds = model._feeds(x, y)
+    llvm = LLVMExecutable(model.prog, np.float32)
+    for ex in (model.executable, llvm):
+        for k, v in model.executable.state.items():
+            ex.state[k][...] = v
+    results = []
+    for ex in (model.executable, llvm):
+        poison(ex, 5)
+        results.append(ex.run("grads", 5, feeds))
+    ref, got = results
+    for tensor, spec in model.prog.tensors.items():
+        if spec.role in ("param", "state"):
+            continue
+        assert not np.isnan(got[tensor]).any(), f"{tensor} has unwritten elements"
+        if spec.dtype == "int":
+            np.testing.assert_array_equal(got[tensor], ref[tensor], err_msg=tensor)
+        else:
+            scale = max(float(np.abs(ref[tensor]).max()), 1e-6)
+            assert np.abs(got[tensor] - ref[tensor]).max() / scale < 1e-5, tensor
+
+
+def test_convolution_kernels_use_packed_fma_on_ymm():
+    build, shape = NETS["lenet"]
+    model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="llvm")
+    asm = model.source("asm")
+    writer_stages = model.prog.forward + model.prog.loss + model.prog.backward + model.prog.update
+    conv = [k for k, s in enumerate(writer_stages) if s.note == "convolution"]
+    assert conv
+    for k in conv:
+        body = asm.split(f"_stage{k}:")[1].split(".Lfunc_end")[0]
+        assert any("vfmadd" in line and "ps" in line and "ymm" in line for line in body.splitlines()), k
+
+
+def train_three(threads: int):
+    env = dict(os.environ, CNNCOMPILE_THREADS=str(threads))
+    code = textwrap.dedent("""
+        import numpy as np, sys, cnncompile as cc
+        from cnncompile import nn
+        net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 7 * 7, 10))
+        m = cc.compile(net, input_shape=(1, 16, 16), loss=nn.CrossEntropyLoss(),
+                       optimizer=cc.optim.SGD(lr=0.1, momentum=0.9), backend="llvm", seed=4)
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            m.train_step(rng.standard_normal((33, 1, 16, 16)), rng.integers(0, 10, 33))
+        np.savez(sys.argv[1], **m.state_dict())
+    """)
+    return code, env
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_determinism_across_runs_and_thread_counts(tmp_path, threads):
+    results = []
+    for run, t in enumerate([2, threads]):
+        code, env = train_three(t)
+        out = tmp_path / f"{run}.npz"
+        subprocess.run([sys.executable, "-c", code, str(out)], env=env, check=True)
+        results.append(np.load(out))
+    for key in results[0].files:
+        np.testing.assert_array_equal(results[0][key], results[1][key])
+
+
+def unique_ir(tag: str) -> str:
+    return f"define float @cc_test_{tag}(float %x) {{\n  %y = fmul float %x, %x\n  ret float %y\n}}\n"
+
+
+def test_cache_is_written_atomically_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNCOMPILE_CACHE_DIR", str(tmp_path))
+    ir = unique_ir(f"reuse_{os.getpid()}")
+    first = jit.Compiled(ir)
+    assert not first.from_cache and (tmp_path / f"{first.key}.o").exists()
+    assert not list(tmp_path.glob(".tmp-*"))
+    code = f"from cnncompile.backends.llvm import jit; print(jit.Compiled({ir!r}).from_cache)"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, CNNCOMPILE_CACHE_DIR=str(tmp_path)),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("kind", ["empty", "elf-prefix", "random", "truncated-entry"])
+def test_corrupted_cache_entry_is_a_miss(tmp_path, monkeypatch, kind):
+    monkeypatch.setenv("CNNCOMPILE_CACHE_DIR", str(tmp_path))
+    ir = unique_ir(f"corrupt_{kind.replace('-', '_')}_{os.getpid()}")
+    key = jit.fingerprint(ir)
+    entry = tmp_path / f"{key}.o"
+    if kind == "truncated-entry":  # a real entry cut short
+        jit.write_cache(key, jit.target().emit_object(jit.llvm.parse_assembly(ir)))
+        entry.write_bytes(entry.read_bytes()[:-100])
+    else:
+        entry.write_bytes({"empty": b"", "elf-prefix": b"\x7fELF truncated", "random": os.urandom(4096)}[kind])
+    compiled = jit.Compiled(ir)
+    assert not compiled.from_cache
+    assert compiled.address(f"cc_test_corrupt_{kind.replace('-', '_')}_{os.getpid()}")
+
+
+def test_native_call_rejects_unplanned_shapes():
+    build, shape = NETS["lenet"]
+    model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="llvm")
+    with pytest.raises(ValueError, match="planned"):
+        model.executable.run("grads", 4, {"input": np.zeros((5, *shape), np.float32)})
+    with pytest.raises(ValueError, match=r"label 10"):
+        model.loss_and_grads(np.zeros((2, *shape)), [0, 10])
+
+
+def test_predict_and_batch_changes_without_recompiling():
+    build, shape = NETS["residual"]
+    model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="llvm")
+    ref = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
+    x = np.random.default_rng(1).standard_normal((7, *shape))
+    for n in (7, 1, 3):
+        np.testing.assert_allclose(model.predict(x[:n]), ref.predict(x[:n]), rtol=1e-4, atol=1e-6)
