@@ -79,11 +79,13 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
     prog = tracer.graph.lower([t.name for _, t in heads], loss_name)
     prog.labels = targets
     if loss is not None:
-        prog.backward = derive(prog, prog.params)
+        prog.backward = derive(prog, prog.params, "train")
+        if prog.has_modes:  # batch norm / dropout: eval-mode gradients are derived separately
+            prog.backward += derive(prog, prog.params, "eval")
     if optimizer is not None:
         if loss is None:
             raise CompileError("an optimizer needs a loss: pass loss=nn.CrossEntropyLoss() (or another)")
-        prog.update = optimizer.stages(prog)
+        prog.update += optimizer.stages(prog)
     executable = make_executable(prog, backend, np.dtype(dtype))
     model = Model(net=net, tracer=tracer, heads=heads, prog=prog, executable=executable, loss=loss,
                   optimizer=optimizer, input_shape=tuple(input_shape))

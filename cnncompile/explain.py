@@ -23,7 +23,8 @@ def display_names(layer: str, node, prog) -> dict[str, str]:
     for t in prog.tensors:
         if t.startswith(f"{layer}.out.") and t not in names:
             suffix = t[len(f"{layer}.out."):]
-            names[t] = {"conv": "Zc", "mm": "Zc", "argmax_i": "Pᵢ", "argmax_j": "Pⱼ"}.get(suffix, f"Z.{suffix}")
+            names[t] = {"conv": "Zc", "mm": "Zc", "argmax_i": "Pᵢ", "argmax_j": "Pⱼ", "mean": "μ",
+                             "var": "σ²"}.get(suffix, f"Z.{suffix}")
     for t, short in list(names.items()):
         names[grad_name(t)] = f"∂L/∂{short}"
     return names

@@ -11,6 +11,11 @@ from cnncompile.ir.errors import CompileError
 from . import validate
 
 
+def _numpy(value) -> np.ndarray:
+    """A NumPy array from a NumPy array, a list, or a torch tensor (a PyTorch state_dict loads as it is)."""
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+
 class Model:
     def __init__(self, net, tracer, heads, prog, executable, loss, optimizer, input_shape):
         self.net, self.tracer, self.heads, self.prog = net, tracer, heads, prog
@@ -19,6 +24,9 @@ class Model:
         self.dtype = executable.dtype
         self.training = True
         self.step = 0  # optimizer updates done
+        self.noise_seed, self.noise_draws = 0, 0  # dropout masks: drawn from (seed, draw number)
+        self.batchnorms = [n.name for n in tracer.graph.ops if n.kind == "batchnorm2d"]
+        self.batches_tracked = 0  # PyTorch's num_batches_tracked, the same for every batch norm
 
     # ----- parameters -------------------------------------------------------------------------
     @property
@@ -29,28 +37,37 @@ class Model:
         """PyTorch's default initialisation, drawn layer by layer in state_dict order from ``seed``."""
         rng = np.random.default_rng(seed)
         done = set()
-        for name in self.prog.params:
+        saved = set(self.prog.state_names)
+        for name in self.prog.state_names:
             layer, _ = self.tracer.param_owner[name]
             if id(layer) in done:
                 continue
             done.add(id(layer))
-            tensors = {local: t for t, (owner, local) in self.tracer.param_owner.items() if owner is layer}
+            tensors = {local: t for t, (owner, local) in self.tracer.param_owner.items()
+                       if owner is layer and t in saved}
             values = layer.init_params(rng, {local: self.prog.tensors[t].shape for local, t in tensors.items()})
             for local, t in tensors.items():
                 self.executable.state[t][...] = values[local]
         for name, spec in self.prog.tensors.items():
             if spec.role == "state":
                 self.executable.state[name][...] = 0
-        self.step = 0
+        self.step, self.noise_seed, self.noise_draws, self.batches_tracked = 0, seed, 0, 0
+
+    def _counter_names(self) -> list[str]:
+        return [f"{bn}.num_batches_tracked" for bn in self.batchnorms]
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
-        names = self.prog.params + self.prog.buffers
-        return OrderedDict((n, self.executable.state[n].copy()) for n in names)
+        """Parameters and buffers by PyTorch's names and in its order (copies)."""
+        out = OrderedDict((n, self.executable.state[n].copy()) for n in self.prog.state_names)
+        for counter in self._counter_names():
+            out[counter] = np.array(self.batches_tracked, dtype=np.int64)
+        return out
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        names = self.prog.params + self.prog.buffers
+        names = self.prog.state_names
+        counters = [c for c in self._counter_names() if c in state]
         missing = [n for n in names if n not in state]
-        unexpected = [k for k in state if k not in names]
+        unexpected = [k for k in state if k not in names and k not in self._counter_names()]
         if strict and (missing or unexpected):
             raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}; "
                            f"expected exactly {names}")
@@ -58,8 +75,7 @@ class Model:
         for n in names:
             if n not in state:
                 continue
-            value = state[n]
-            value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+            value = _numpy(state[n])
             want = self.executable.state[n].shape
             if value.shape != want:
                 raise ValueError(f"load_state_dict: '{n}' has shape {value.shape} in the given state, "
@@ -69,6 +85,8 @@ class Model:
             arrays[n] = value
         for n, value in arrays.items():  # all checked first: a bad entry changes nothing
             self.executable.state[n][...] = value
+        if counters:
+            self.batches_tracked = int(_numpy(state[counters[0]]))
 
     # ----- running ----------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -99,25 +117,51 @@ class Model:
                     raise ValueError(f"{what} has {len(feeds[name])} rows but the input has {len(x)}")
         return x, feeds
 
+    def noise(self, batch: int, draw: int | None = None) -> dict:
+        """Dropout masks for one training batch: 0 or 1/(1−p), drawn from (seed, draw number),
+        so a run is reproducible and a resumed run draws what the uninterrupted one would."""
+        if draw is None:
+            draw, self.noise_draws = self.noise_draws, self.noise_draws + 1
+        rng = np.random.default_rng([self.noise_seed, draw])
+        masks = {}
+        for name, p in self.prog.noise.items():
+            shape = (batch, *self.prog.tensors[name].shape[1:])
+            keep = rng.random(shape, dtype=np.float32) >= p
+            masks[name] = keep.astype(self.dtype) * (self.dtype.type(1.0 / (1.0 - p)) if p < 1 else 0)
+        return masks
+
+    def _mode_phase(self, phase: str, training: bool, feeds: dict, batch: int) -> str:
+        if not training:
+            return f"{phase}_eval"
+        if self.batchnorms:
+            validate.batch_statistics(batch, self.prog, self.batchnorms)
+        feeds.update(self.noise(batch))
+        return phase
+
     def train_step(self, x, y) -> float:
-        """One fused forward + backward + update on a batch; returns the loss before the update."""
+        """One fused forward + backward + update on a batch (always in training mode: batch
+        statistics, dropout on); returns the loss before the update."""
         if self.optimizer is None:
             raise CompileError("this model was compiled without an optimizer: pass optimizer=cc.optim.SGD(...)")
         x, feeds = self._feeds(x, y)
-        env = self.executable.run("train", len(x), feeds, self.optimizer.scalars(self.step + 1))
+        phase = self._mode_phase("train", True, feeds, len(x))
+        env = self.executable.run(phase, len(x), feeds, self.optimizer.scalars(self.step + 1))
         self.step += 1
+        self.batches_tracked += 1
         return float(env[self.prog.loss_name][0])
 
     def loss_and_grads(self, x, y):
-        """Loss and every parameter's gradient, keyed like state_dict; no update."""
+        """Loss and every parameter's gradient, keyed like state_dict; nothing is updated (not
+        even running statistics). Uses the mode set by ``train()``/``eval()``."""
         x, feeds = self._feeds(x, y)
-        env = self.executable.run("grads", len(x), feeds)
+        env = self.executable.run(self._mode_phase("grads", self.training, feeds, len(x)), len(x), feeds)
         grads = OrderedDict((n, env[grad_name(n)].copy()) for n in self.prog.params)
         return float(env[self.prog.loss_name][0]), grads
 
     def evaluate_loss(self, x, y) -> float:
         x, feeds = self._feeds(x, y)
-        return float(self.executable.run("loss", len(x), feeds)[self.prog.loss_name][0])
+        env = self.executable.run(self._mode_phase("loss", self.training, feeds, len(x)), len(x), feeds)
+        return float(env[self.prog.loss_name][0])
 
     def predict(self, x, batch_size: int = 256):
         """The network's output(s) in eval mode, computed in chunks of ``batch_size``."""

@@ -64,7 +64,7 @@ def summary(model) -> str:
     rows = [("layer", "type", "output shape", "params", "MACs", "RF size", "jump", "start")]
     total_params = total_macs = 0
     for node in graph.ops:
-        params = sum(_count(graph.shape(t)) for t in set(node.params.values()))
+        params = sum(_count(graph.shape(t)) for t in set(node.params.values()) if graph.tensors[t].role == "param")
         m = macs(node, graph)
         total_params, total_macs = total_params + params, total_macs + m
         f = fields[node.output]

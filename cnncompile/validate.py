@@ -43,3 +43,13 @@ def as_labels(y, batch: int, classes: int, what: str = "target") -> np.ndarray:
         bad = arr[(arr < 0) | (arr >= classes)][0]
         raise ValueError(f"{what} holds label {bad}, outside 0..{classes - 1} (the network has {classes} outputs)")
     return arr
+
+
+def batch_statistics(batch: int, prog, batchnorms: list[str]) -> None:
+    """Batch norm in training needs more than one value per channel (as PyTorch demands)."""
+    for name in batchnorms:
+        spec = prog.tensors[f"{name}.out"]
+        per_channel = batch * spec.shape[2] * spec.shape[3]
+        if per_channel < 2:
+            raise ValueError(f"layer '{name}' (BatchNorm2d) sees {per_channel} value per channel in this batch; "
+                             f"training needs at least 2: use a larger batch, or call model.eval()")

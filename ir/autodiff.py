@@ -36,12 +36,14 @@ def requires_grad(stages: list[Stage], sources: set[str]) -> set[str]:
     return need
 
 
-def derive(prog: Program, wrt: list[str]) -> list[Stage]:
-    """The backward stages of ``prog.forward + prog.loss`` for the gradients of ``wrt``."""
-    stages = prog.forward + prog.loss
+def derive(prog: Program, wrt: list[str], mode: str = "train") -> list[Stage]:
+    """The backward stages of ``prog.forward + prog.loss`` (as run in ``mode``) for the gradients
+    of ``wrt``; each carries the mode it was derived for."""
+    stages = [s for s in prog.forward + prog.loss if s.mode in ("any", mode)]
     need = requires_grad(stages, set(wrt))
     seed = Stage(out=grad_name(prog.loss_name), out_index=(Affine.constant(0),), domain=(),
                  body=sympy.Integer(1), role="backward", note="seed: ∂L/∂L = 1", layer="loss")
+    seed = seed.with_(mode=mode) if prog.has_modes else seed
     out, have = [seed], {prog.loss_name}
     for t in need | {prog.loss_name}:
         prog.add_tensor(TensorSpec(grad_name(t), prog.tensors[t].shape, "grad"))
@@ -53,7 +55,7 @@ def derive(prog: Program, wrt: list[str]) -> list[Stage]:
             if tensor not in need:
                 continue
             for g in derive_read(stage, r, tensor in have, prog.tensors[tensor].shape):
-                out.append(g)
+                out.append(g.with_(mode=mode) if prog.has_modes else g)
                 have.add(tensor)
     return out
 

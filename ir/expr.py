@@ -49,9 +49,10 @@ class Stage:
     argmax: tuple[str, ...] = ()  # one int tensor per reduce variable, recorded by "max"
     differentiable: bool = True  # False: a numerical device (softmax's shift) with no gradient
     layer: str = ""
-    role: str = "forward"  # forward | loss | backward | update
+    role: str = "forward"  # forward | loss | backward | update | stats (running statistics)
     note: str = ""
     wrt: str = ""  # for backward stages: which read was differentiated
+    mode: str = "any"  # any | train | eval: batch norm and dropout differ between the two
 
     def with_(self, **kw) -> "Stage":
         return replace(self, **kw)
@@ -118,8 +119,36 @@ class Program:
     labels: list[str] = field(default_factory=list)
     params: list[str] = field(default_factory=list)
     buffers: list[str] = field(default_factory=list)
+    state_names: list[str] = field(default_factory=list)  # params + buffers in state_dict order
+    noise: dict[str, float] = field(default_factory=dict)  # dropout masks → probability
     loss_name: str = ""
     scalars: dict[str, float] = field(default_factory=dict)  # runtime symbols: lr, step...
 
     def add_tensor(self, spec: TensorSpec) -> None:
         self.tensors[spec.name] = spec
+
+    def all_stages(self) -> list[Stage]:
+        return self.forward + self.loss + self.backward + self.update
+
+    def phase_stages(self, phase: str) -> list[tuple[str, int, Stage]]:
+        """The stages a phase runs, in order, as (part, index in part, stage)."""
+        parts, mode = PHASES[phase]
+        return [(part, k, s) for part in parts for k, s in enumerate(getattr(self, part))
+                if s.mode in ("any", mode)]
+
+    @property
+    def has_modes(self) -> bool:
+        return any(s.mode != "any" for s in self.forward)
+
+
+# phase → (parts it runs, mode of the forward pass). ``train`` is one fused step; ``*_eval``
+# give loss and gradients with eval-mode batch norm and dropout (a PyTorch model in eval()).
+PHASES = {
+    "predict": (("forward",), "eval"),
+    "predict_train": (("forward",), "train"),
+    "loss": (("forward", "loss"), "train"),
+    "loss_eval": (("forward", "loss"), "eval"),
+    "grads": (("forward", "loss", "backward"), "train"),
+    "grads_eval": (("forward", "loss", "backward"), "eval"),
+    "train": (("forward", "loss", "backward", "update"), "train"),
+}

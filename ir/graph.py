@@ -19,7 +19,10 @@ class Graph:
         self.tensors: dict[str, TensorSpec] = {}
         self.ops: list[OpNode] = []
         self.inputs: list[str] = []
-        self.params: list[str] = []  # in state_dict order
+        self.params: list[str] = []  # trained parameters, in state_dict order
+        self.buffers: list[str] = []  # saved, not trained (running statistics)
+        self.state_order: list[str] = []  # params and buffers interleaved as PyTorch's state_dict
+        self.noise: dict[str, float] = {}  # per-batch random masks → dropout probability
 
     def add_tensor(self, name: str, shape: tuple, role: str, dtype: str = "float") -> str:
         if name in self.tensors:
@@ -50,13 +53,18 @@ class Graph:
             node.name = f"{node.name}#{k}"
         shapes = [self.shape(t) for t in node.inputs]
         out_shape = op.infer(node, shapes)
-        for local, shape in op.param_shapes(node, shapes).items():
-            full = f"{node.name.split('#')[0]}.{local}"
-            if param_tensors and local in param_tensors:
-                node.params[local] = param_tensors[local]
-                continue
-            node.params[local] = self.add_tensor(full, shape, "param")
-            self.params.append(full)
+        for kind, declared in (("param", op.param_shapes(node, shapes)), ("buffer", op.buffer_shapes(node, shapes))):
+            for local, shape in declared.items():
+                full = f"{node.name.split('#')[0]}.{local}"
+                if param_tensors and local in param_tensors:
+                    node.params[local] = param_tensors[local]
+                    continue
+                node.params[local] = self.add_tensor(full, shape, kind)
+                (self.params if kind == "param" else self.buffers).append(full)
+                self.state_order.append(full)
+        for local, shape in op.noise_shapes(node, shapes).items():
+            node.params[local] = self.add_tensor(f"{node.name}.{local}", shape, "noise")
+            self.noise[node.params[local]] = float(node.attrs.get("p", 0.5))
         node.output = self.add_tensor(f"{node.name}.out", out_shape, role)
         self.ops.append(node)
         self.nx.add_node(node.name, kind="op", op=node)
@@ -71,7 +79,8 @@ class Graph:
         """Forward stages of every op, split into the network's part and the loss's part."""
         prog = Program(inputs=[t for t in self.inputs if self.tensors[t].role == "input"],
                        labels=[t for t in self.inputs if self.tensors[t].role == "label"],
-                       outputs=list(outputs), params=list(self.params), loss_name=loss)
+                       outputs=list(outputs), params=list(self.params), buffers=list(self.buffers),
+                       state_names=list(self.state_order), noise=dict(self.noise), loss_name=loss)
         for spec in self.tensors.values():
             prog.add_tensor(spec)
         for node in self.ops:
@@ -79,7 +88,8 @@ class Graph:
             shapes = [self.shape(t) for t in node.inputs]
             for stage in op.lower(node, shapes, self.shape(node.output)):
                 self._declare(prog, stage)
-                (prog.loss if stage.role == "loss" else prog.forward).append(stage)
+                part = {"loss": prog.loss, "stats": prog.update}.get(stage.role, prog.forward)
+                part.append(stage)
         return prog
 
     def _declare(self, prog: Program, stage: Stage) -> None:

@@ -17,12 +17,10 @@ from fractions import Fraction
 import sympy
 
 from cnncompile.ir.affine import Affine, Box
-from cnncompile.ir.expr import Program, Stage, tensor_of
+from cnncompile.ir.expr import PHASES, Program, Stage, tensor_of
 from ..residue import residue_classes, substitute
 from .emit import FAST, BodyWriter, FunctionWriter
 
-PHASES = {"predict": ("forward",), "loss": ("forward", "loss"),
-          "grads": ("forward", "loss", "backward"), "train": ("forward", "loss", "backward", "update")}
 
 
 def dims(shape) -> list:
@@ -39,7 +37,7 @@ class ModuleWriter:
         self.declares: set[str] = set()
 
     def all_stages(self):
-        return self.prog.forward + self.prog.loss + self.prog.backward + self.prog.update
+        return self.prog.all_stages()
 
     # ----- one stage ----------------------------------------------------------------------------
     def stage_function(self, k: int, stage: Stage) -> tuple[str, list[str]]:
@@ -207,8 +205,8 @@ class ModuleWriter:
 
     def phase_stages(self, stage_fns):
         """Each phase's stages in order, and one single-stage driver per stage (for profiling)."""
-        for phase, parts in PHASES.items():
-            yield phase, [(part, k) for part in parts for k, _ in enumerate(getattr(self.prog, part))]
+        for phase in PHASES:
+            yield phase, [(part, k) for part, k, _ in self.prog.phase_stages(phase)]
         for n, key in enumerate(stage_fns):
             yield f"only{n}", [key]
 

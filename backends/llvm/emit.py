@@ -188,6 +188,10 @@ class BodyWriter:
                 return fw.fbin("fdiv", fw.fconst(1.0), base), "f"
             if exponent == sympy.Rational(1, 2):
                 return fw.intrinsic("sqrt", base), "f"
+            if exponent in (sympy.Rational(-1, 2), sympy.Rational(-3, 2)):  # batch norm's 1/σ and 1/σ³
+                root = fw.intrinsic("sqrt", base)
+                denom = root if exponent == sympy.Rational(-1, 2) else fw.fbin("fmul", base, root)
+                return fw.fbin("fdiv", fw.fconst(1.0), denom), "f"
             if exponent.is_Integer and 0 < exponent <= 4:
                 total = base
                 for _ in range(int(exponent) - 1):

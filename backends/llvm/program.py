@@ -12,8 +12,8 @@ import threading
 
 import numpy as np
 
-from cnncompile.ir.expr import BATCH, Program
-from .codegen import PHASES, ModuleWriter
+from cnncompile.ir.expr import BATCH, PHASES, Program
+from .codegen import ModuleWriter
 from .jit import Compiled
 
 PERSISTENT = ("param", "buffer", "state")
@@ -85,8 +85,7 @@ class LLVMExecutable:
             if prefix not in _loaded:
                 _loaded[prefix] = Compiled(self.ir_text, use_cache)
         self.compiled = _loaded[prefix]
-        stages = prog.forward + prog.loss + prog.backward + prog.update
-        names = list(PHASES) + [f"only{k}" for k in range(len(stages))]
+        names = list(PHASES) + [f"only{k}" for k in range(len(prog.all_stages()))]
         self.phases = {p: PHASE_SIGNATURE(self.compiled.address(f"{prefix}_{p}")) for p in names}
         self.state = {n: self.allocate(s, 1) for n, s in prog.tensors.items() if s.role in PERSISTENT}
         self.bound: dict[int, tuple] = {}

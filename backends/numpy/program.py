@@ -7,8 +7,6 @@ from cnncompile.ir.expr import BATCH, Program
 from .run import StageRunner
 
 PERSISTENT = ("param", "buffer", "state")
-PHASES = {"predict": ("forward",), "loss": ("forward", "loss"),
-          "grads": ("forward", "loss", "backward"), "train": ("forward", "loss", "backward", "update")}
 
 
 class Env(dict):
@@ -49,7 +47,6 @@ class NumpyExecutable:
         for name, value in feeds.items():
             env[name][...] = value
         env.scalars.update(scalars or {})
-        for part in PHASES[phase]:
-            for runner in runners[part]:
-                runner(env)
+        for part, k, _ in self.prog.phase_stages(phase):
+            runners[part][k](env)
         return env

@@ -26,10 +26,10 @@ def strided(array: np.ndarray, index, grid, fill, keep_all: bool):
     offset = sum(int(e.const + pad[0]) * st for e, pad, st in zip(index, pads, steps))
     shape, strides = [], []
     for v, n in grid:
-        step = sum(int(e.coeff(v)) * st for e, st in zip(index, steps))
-        if step or keep_all:
-            shape.append(n if step else 1)
-            strides.append(step * elem)
+        used = any(e.coeff(v) for e in index)  # as grid_of: a step may cancel over size-1 axes
+        if used or keep_all:
+            shape.append(n if used else 1)
+            strides.append(sum(int(e.coeff(v)) * st for e, st in zip(index, steps)) * elem)
     flat = array.reshape(-1)
     return as_strided(flat[offset:], shape=tuple(shape), strides=tuple(strides), writeable=False)
 

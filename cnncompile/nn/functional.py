@@ -39,3 +39,12 @@ def adaptive_avg_pool2d(x, output_size):
 
 def flatten(x, start_dim=1):
     return x.flatten(start_dim)
+
+
+def dropout(x, p=0.5, training=True, inplace=False):
+    """As PyTorch: active only when ``training`` (pass ``self.training``); eval is the identity."""
+    return _f("dropout", x, p=p) if training else x
+
+
+def batch_norm(*args, **kwargs):
+    raise NotImplementedError("use the nn.BatchNorm2d layer: its running statistics need a home in state_dict")

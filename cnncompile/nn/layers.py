@@ -124,3 +124,33 @@ class Identity(Layer):
 
     def __init__(self, *args, **kwargs):
         super().__init__()
+
+
+class BatchNorm2d(Layer):
+    kind = "batchnorm2d"
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
+        super().__init__()
+        if momentum is None or not track_running_stats:
+            raise ValueError("BatchNorm2d: only momentum as a number with track_running_stats=True is supported")
+        self.num_features, self.eps, self.momentum, self.affine = num_features, eps, momentum, affine
+
+    def attrs(self):
+        return dict(num_features=self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine)
+
+    def init_params(self, rng, shapes):
+        ones = {"weight", "running_var"}
+        return {k: (np.ones if k in ones else np.zeros)(s, dtype=np.float32) for k, s in shapes.items()}
+
+
+class Dropout(Layer):
+    kind = "dropout"
+
+    def __init__(self, p=0.5, inplace=False):
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
+        self.p = p
+
+    def attrs(self):
+        return dict(p=self.p)

@@ -102,6 +102,28 @@ class Sequential(Module):
         return x
 
 
+class ModuleList(Module):
+    """A list of layers named ``"0"``, ``"1"``, … (as PyTorch's), called from a ``forward``."""
+
+    def __init__(self, modules=()):
+        super().__init__()
+        for m in modules:
+            self.append(m)
+
+    def append(self, module: Module) -> "ModuleList":
+        self.add_module(str(len(self._modules)), module)
+        return self
+
+    def __getitem__(self, k):
+        return list(self._modules.values())[k]
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self):
+        return len(self._modules)
+
+
 class TracedTensor:
     """A symbolic tensor during tracing: a name in the graph and a known shape."""
 

@@ -36,6 +36,14 @@ class OpDef:
     def param_shapes(self, node: OpNode, shapes: list[tuple]) -> dict[str, tuple]:
         return {}
 
+    def buffer_shapes(self, node: OpNode, shapes: list[tuple]) -> dict[str, tuple]:
+        """State that is not trained but saved (batch norm's running statistics)."""
+        return {}
+
+    def noise_shapes(self, node: OpNode, shapes: list[tuple]) -> dict[str, tuple]:
+        """Per-batch random inputs the runtime draws in training (dropout's mask)."""
+        return {}
+
     def lower(self, node: OpNode, shapes: list[tuple], out_shape: tuple) -> list[Stage]:
         raise NotImplementedError(f"op {self.kind} has no stages")
 

@@ -111,3 +111,30 @@ class Identity(OpDef):
     def lower(self, node, shapes, out_shape):
         return [elementwise_stage(node, node.output, out_shape, lambda syms: read(node.inputs[0], *syms),
                                   note="identity")]
+
+
+@register
+class Cat(OpDef):
+    """``out[b, o_k + c, ...] = X_k[b, c, ...]``: one stage per input, each an affine shift of the
+    channel index, so each input's gradient is a plain gather from the output's gradient."""
+
+    kind = "cat"
+
+    def infer(self, node, shapes):
+        first = shapes[0]
+        for k, shape in enumerate(shapes[1:], 1):
+            if len(shape) != len(first) or tuple(shape[:1]) + tuple(shape[2:]) != tuple(first[:1]) + tuple(first[2:]):
+                raise ShapeError(f"{where(node)}: cannot concatenate {fmt_shape(first)} and {fmt_shape(shape)} "
+                                 f"(input {k}) along channels; all sizes but the channel count must match")
+        return (first[0], sum(s[1] for s in shapes), *first[2:])
+
+    def lower(self, node, shapes, out_shape):
+        stages, offset = [], 0
+        for tensor, shape in zip(node.inputs, shapes):
+            domain, syms = elementwise_domain(shape)
+            index = list(identity_index(syms))
+            index[1] = index[1] + Affine.constant(offset)
+            stages.append(Stage(out=node.output, out_index=tuple(index), domain=domain, body=read(tensor, *syms),
+                                layer=node.name, note=f"concatenate: channels {offset}…{offset + shape[1] - 1}"))
+            offset += shape[1]
+        return stages
