@@ -58,9 +58,11 @@ class Model:
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
         """Parameters and buffers by PyTorch's names and in its order (copies)."""
-        out = OrderedDict((n, self.executable.state[n].copy()) for n in self.prog.state_names)
-        for counter in self._counter_names():
-            out[counter] = np.array(self.batches_tracked, dtype=np.int64)
+        out = OrderedDict()
+        for n in self.prog.state_names:
+            out[n] = self.executable.state[n].copy()
+            if n.endswith(".running_var"):  # PyTorch puts the counter after the running statistics
+                out[n[: -len("running_var")] + "num_batches_tracked"] = np.array(self.batches_tracked, np.int64)
         return out
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
