@@ -1,7 +1,9 @@
 """cnncompile: compile PyTorch-shaped CNNs into fused training code with derived gradients."""
 from cnncompile.ir.errors import CompileError, ShapeError
 
-from . import nn, optim
+from . import callbacks, nn, optim
+from .augment import Augment
+from .checkpoint import CheckpointError, load
 from .compiler import compile
 from .nn.tracing import current as _current
 
@@ -13,5 +15,6 @@ def cat(tensors, dim: int = 1):
     return _current().add_functional("cat", list(tensors))
 
 
-__all__ = ["CompileError", "ShapeError", "nn", "optim", "compile", "cat"]
+__all__ = ["CompileError", "ShapeError", "CheckpointError", "Augment", "callbacks", "nn", "optim", "compile", "cat",
+           "load"]
 __version__ = "0.1.0"

@@ -89,6 +89,7 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
     executable = make_executable(prog, backend, np.dtype(dtype))
     model = Model(net=net, tracer=tracer, heads=heads, prog=prog, executable=executable, loss=loss,
                   optimizer=optimizer, input_shape=tuple(input_shape))
+    model.seed, model.loss_weights = seed, loss_weights
     model.reset_parameters(seed)
     model.compile_seconds = time.perf_counter() - started
     return model

@@ -27,6 +27,8 @@ class Model:
         self.noise_seed, self.noise_draws = 0, 0  # dropout masks: drawn from (seed, draw number)
         self.batchnorms = [n.name for n in tracer.graph.ops if n.kind == "batchnorm2d"]
         self.batches_tracked = 0  # PyTorch's num_batches_tracked, the same for every batch norm
+        self.epoch = 0  # epochs completed by fit (a loaded checkpoint continues from here)
+        self.callbacks, self.history, self.stop_training = [], {}, False
 
     # ----- parameters -------------------------------------------------------------------------
     @property
@@ -143,6 +145,10 @@ class Model:
     def train_step(self, x, y) -> float:
         """One fused forward + backward + update on a batch (always in training mode: batch
         statistics, dropout on); returns the loss before the update."""
+        return self._train_step(x, y)[0]
+
+    def _train_step(self, x, y):
+        """The loss and each head's output (before the update), for fit's running metrics."""
         if self.optimizer is None:
             raise CompileError("this model was compiled without an optimizer: pass optimizer=cc.optim.SGD(...)")
         x, feeds = self._feeds(x, y)
@@ -150,7 +156,39 @@ class Model:
         env = self.executable.run(phase, len(x), feeds, self.optimizer.scalars(self.step + 1))
         self.step += 1
         self.batches_tracked += 1
-        return float(env[self.prog.loss_name][0])
+        return float(env[self.prog.loss_name][0]), [env[t.name] for _, t in self.heads]
+
+    def classification_head(self):
+        """Index of the first head trained with cross-entropy (for accuracy), or None."""
+        from .compiler import per_head
+        if self.loss is None:
+            return None
+        kinds = [fn.kind for fn in per_head(self.loss, self.heads, "loss")]
+        return kinds.index("cross_entropy") if "cross_entropy" in kinds else None
+
+    def head_target(self, y, k: int):
+        """Head ``k``'s part of a target given as one array, a tuple, or a dict."""
+        key = self.heads[k][0]
+        return y if key is None else y[key]
+
+    def evaluate(self, x, y, batch_size: int = 256) -> dict:
+        """Loss and (for a classifier) accuracy in eval mode, in chunks of ``batch_size``."""
+        from cnncompile.data.synthetic import take
+        x = validate.as_batch(x, self.input_shape, self.dtype)
+        head = self.classification_head()
+        total, correct = 0.0, 0
+        for start in range(0, len(x), batch_size):
+            idx = slice(start, start + batch_size)
+            xb, feeds = self._feeds(x[idx], take(y, idx))
+            env = self.executable.run("loss_eval", len(xb), feeds)
+            total += float(env[self.prog.loss_name][0]) * len(xb)
+            if head is not None:
+                out = env[self.heads[head][1].name]
+                correct += int((out.argmax(1) == self.head_target(take(y, idx), head)).sum())
+        metrics = {"loss": total / len(x)}
+        if head is not None:
+            metrics["accuracy"] = correct / len(x)
+        return metrics
 
     def loss_and_grads(self, x, y):
         """Loss and every parameter's gradient, keyed like state_dict; nothing is updated (not
@@ -189,10 +227,17 @@ class Model:
         from .explain import explain
         return explain(self, layer, latex)
 
-    def fit(self, train, epochs: int = 1, batch_size: int = 64, validation=None, seed: int = 0, verbose=True):
-        """Train over ``train = (x, y)`` for ``epochs``; returns the history (loss, val accuracy, time)."""
+    def fit(self, train, epochs: int = 1, batch_size: int = 64, validation=None, callbacks=(), seed: int = 0,
+            verbose=True, augment=None):
+        """Train on ``train = (x, y)`` up to epoch ``epochs``; returns the history (loss, accuracy,
+        val_loss, val_accuracy, lr, seconds per epoch). See `cnncompile.train.fit`."""
         from .train import fit
-        return fit(self, train, epochs, batch_size, validation, seed, verbose)
+        return fit(self, train, epochs, batch_size, validation, callbacks, seed, verbose, augment)
+
+    def save(self, path) -> None:
+        """Checkpoint: weights, optimizer and schedule state, epoch, RNG counters, the network."""
+        from .checkpoint import save
+        save(self, path)
 
     def summary(self) -> str:
         """A table: layer, output shape, parameters, MACs, receptive field (size, jump, start)."""

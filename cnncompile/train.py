@@ -1,10 +1,18 @@
-"""The fit loop: batches through ``train_step``, progress, and metrics per epoch."""
+"""The fit loop: seeded batches through ``train_step``, augmentation, metrics, callbacks, progress.
+
+Everything random in an epoch is drawn from ``(seed, epoch, …)``: the batch order, the
+augmentation of each batch, and (through the model's draw counter) dropout masks. So an
+interrupted run resumed from a checkpoint repeats exactly what the uninterrupted one does.
+"""
 from __future__ import annotations
 
+import math
 import sys
 import time
 
 import numpy as np
+
+from cnncompile.data.synthetic import take
 
 
 def batches(x, y, batch_size: int, seed: int, epoch: int, shuffle: bool = True):
@@ -12,11 +20,17 @@ def batches(x, y, batch_size: int, seed: int, epoch: int, shuffle: bool = True):
     order = np.random.default_rng((seed, epoch)).permutation(len(x)) if shuffle else np.arange(len(x))
     for start in range(0, len(x), batch_size):
         idx = order[start:start + batch_size]
-        yield x[idx], y[idx]
+        yield x[idx], take(y, idx)
 
 
 def accuracy(model, x, y, batch_size: int = 500) -> float:
-    return float((model.predict(x, batch_size=batch_size).argmax(axis=1) == y).mean())
+    """Share of correct classes (the first classification head of a multi-head net)."""
+    k = model.classification_head()
+    if k is None:
+        raise ValueError("accuracy needs a head trained with CrossEntropyLoss")
+    out = model.predict(x, batch_size=batch_size)
+    out = out if len(model.heads) == 1 else out[model.heads[k][0]]
+    return float((out.argmax(axis=1) == model.head_target(y, k)).mean())
 
 
 class Progress:
@@ -35,8 +49,10 @@ class Progress:
             return
         rate = self.seen / max(time.perf_counter() - self.start, 1e-9)
         eta = (self.total - self.seen) / max(rate, 1e-9)
-        self.stream.write(f"\repoch {self.epoch}/{self.epochs} {self.seen}/{self.total} loss {loss:.4f} "
-                          f"{rate:,.0f} img/s ETA {eta:4.0f}s ")
+        width = 20
+        done = int(width * self.seen / max(self.total, 1))
+        self.stream.write(f"\repoch {self.epoch}/{self.epochs} [{'=' * done}{'.' * (width - done)}] "
+                          f"{self.seen}/{self.total} loss {loss:.4f} {rate:,.0f} img/s ETA {eta:4.0f}s ")
         self.stream.flush()
 
     def close(self, summary: str) -> None:
@@ -44,27 +60,71 @@ class Progress:
         self.stream.flush()
 
 
-def fit(model, train, epochs: int = 1, batch_size: int = 64, validation=None, seed: int = 0,
-        verbose: bool = True, stream=None) -> dict:
-    """Train for ``epochs`` over ``train = (x, y)``; returns the history of losses and accuracies."""
+def fit(model, train, epochs: int = 1, batch_size: int = 64, validation=None, callbacks=(), seed: int = 0,
+        verbose: bool = True, augment=None, stream=None) -> dict:
+    """Train ``epochs`` more epochs, numbered on from those already done (so a model loaded from a
+    checkpoint continues its schedule and its seeded batch order); returns the history, one
+    list per logged value."""
     x, y = train
-    history = {"epoch": [], "loss": [], "val_accuracy": [], "seconds": [], "lr": []}
-    for epoch in range(1, epochs + 1):
-        progress = Progress(len(x), epoch, epochs, stream) if verbose else None
-        started, total, correct = time.perf_counter(), 0.0, 0
-        for xb, yb in batches(x, y, batch_size, seed, epoch):
-            loss = model.train_step(xb, yb)
-            total += loss * len(xb)
-            if progress:
-                progress.update(len(xb), loss)
-        seconds = time.perf_counter() - started
-        history["epoch"].append(epoch)
-        history["loss"].append(total / len(x))
-        history["seconds"].append(seconds)
-        history["lr"].append(model.optimizer.lr)
-        val = accuracy(model, *validation) if validation is not None else float("nan")
-        history["val_accuracy"].append(val)
-        if progress:
-            progress.close(f"epoch {epoch}/{epochs}: loss {total / len(x):.4f}, val acc {val:.4f}, {seconds:.1f}s "
-                           f"({len(x) / seconds:,.0f} img/s)")
+    if len(x) == 0:
+        raise ValueError("fit: the training set is empty")
+    if batch_size < 1:
+        raise ValueError(f"fit: batch_size must be ≥ 1, got {batch_size}")
+    # checkpoints last, so that they save what the schedules decided this epoch
+    callbacks = sorted(callbacks or (), key=lambda cb: type(cb).__name__ == "ModelCheckpoint")
+    model.callbacks, model.stop_training = callbacks, False
+    pending = getattr(model, "pending_callback_states", None) or []
+    for cb, (name, state) in zip(callbacks, pending):  # a resumed schedule continues where it stopped
+        if type(cb).__name__ == name:
+            cb.load_state_dict(state)
+    model.pending_callback_states = []
+    history: dict[str, list] = {}
+    for cb in callbacks:
+        cb.on_train_begin(model)
+    try:
+        last = model.epoch + epochs
+        for epoch in range(model.epoch + 1, last + 1):
+            logs = run_epoch(model, x, y, batch_size, seed, epoch, last, augment,
+                             Progress(len(x), epoch, last, stream) if verbose else None, validation)
+            model.epoch = epoch
+            for cb in callbacks:
+                cb.on_epoch_end(model, epoch, logs)
+            for k, v in logs.items():
+                history.setdefault(k, []).append(v)
+            if not all(math.isfinite(v) for k, v in logs.items() if k.endswith("loss")):
+                raise FloatingPointError(f"fit: the loss became {logs['loss']} in epoch {epoch}; lower the "
+                                         f"learning rate (now {model.optimizer.lr:g})")
+            if model.stop_training:
+                break
+    finally:  # EarlyStopping restores its best weights however training ends
+        for cb in callbacks:
+            cb.on_train_end(model)
+    model.history = history
     return history
+
+
+def run_epoch(model, x, y, batch_size, seed, epoch, epochs, augment, progress, validation) -> dict:
+    started, total, correct = time.perf_counter(), 0.0, 0
+    lr = model.optimizer.lr
+    head = model.classification_head()
+    for k, (xb, yb) in enumerate(batches(x, y, batch_size, seed, epoch)):
+        if augment is not None:
+            xb, yb = augment(xb, yb, np.random.default_rng((seed, epoch, k, 1)))
+        loss, outputs = model._train_step(xb, yb)
+        total += loss * len(xb)
+        if head is not None:
+            correct += int((outputs[head].argmax(1) == model.head_target(yb, head)).sum())
+        if progress:
+            progress.update(len(xb), loss)
+    seconds = time.perf_counter() - started
+    logs = {"epoch": epoch, "loss": total / len(x)}
+    if head is not None:
+        logs["accuracy"] = correct / len(x)
+    if validation is not None:
+        for k, v in model.evaluate(*validation).items():
+            logs[f"val_{k}"] = v
+    logs.update(lr=lr, seconds=seconds, images_per_second=len(x) / seconds)
+    if progress:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in logs.items() if k.endswith(("loss", "accuracy")))
+        progress.close(f"epoch {epoch}/{epochs}: {shown}, {seconds:.1f}s ({len(x) / seconds:,.0f} img/s)")
+    return logs

@@ -45,7 +45,7 @@ def derive(prog: Program, wrt: list[str], mode: str = "train") -> list[Stage]:
                  body=sympy.Integer(1), role="backward", note="seed: ∂L/∂L = 1", layer="loss")
     seed = seed.with_(mode=mode) if prog.has_modes else seed
     out, have = [seed], {prog.loss_name}
-    for t in need | {prog.loss_name}:
+    for t in sorted(need | {prog.loss_name}):
         prog.add_tensor(TensorSpec(grad_name(t), prog.tensors[t].shape, "grad"))
     for stage in reversed(stages):
         if stage.out not in have or not stage.differentiable:

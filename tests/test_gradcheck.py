@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
+import cnncompile as cc
 from cnncompile import nn
 from helpers import check_gradients
 
@@ -78,3 +79,65 @@ def test_residual_join_and_scalars(backend):
 
     net = Block()
     check_gradients(net, (2, 9, 8), nn.MSELoss(), X, regression_target(net), backend)
+
+
+# ----- issue 4's layers --------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batch_norm(backend, mode):
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Conv2d(3, 2, 1),
+                        nn.BatchNorm2d(2, eps=1e-3, momentum=0.3), nn.Flatten())
+    stats = {"1.running_mean": rng.standard_normal(3), "1.running_var": rng.uniform(0.5, 2, 3),
+             "4.running_mean": rng.standard_normal(2), "4.running_var": rng.uniform(0.5, 2, 2)}
+    check_gradients(net, (2, 9, 8), nn.MSELoss(), X, regression_target(net), backend, mode=mode, state=stats)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_with_its_mask(backend):
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Dropout(0.3), nn.ReLU(), nn.Flatten(), nn.Linear(126, 4),
+                        nn.Dropout(0.5))
+    check_gradients(net, (2, 9, 8), nn.CrossEntropyLoss(), X, rng.integers(0, 4, 2), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("groups,cout", [(2, 4), (4, 4), (4, 8)])
+def test_grouped_and_depthwise_conv(backend, groups, cout):
+    net = nn.Sequential(nn.Conv2d(2, 4, 1), nn.Conv2d(4, cout, 3, stride=2, padding=1, groups=groups), nn.Flatten())
+    check_gradients(net, (2, 9, 8), nn.MSELoss(), X, regression_target(net), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concatenation_identity_and_adaptive_pool(backend):
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 3, 3, padding=1)
+            self.b = nn.Conv2d(5, 2, 3, padding=1)
+            self.keep = nn.Identity()
+            self.pool = nn.AdaptiveAvgPool2d((3, 2))
+
+        def forward(self, x):
+            h = cc.cat([x, nn.functional.relu(self.a(x))], 1)
+            h = cc.cat([self.keep(h), self.b(h)], 1)
+            return self.pool(h).flatten(1)
+
+    net = Dense()
+    check_gradients(net, (2, 9, 8), nn.MSELoss(), X, regression_target(net), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_heads_weighted(backend):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2), nn.ReLU(), nn.Flatten())
+            self.cls = nn.Linear(36, 3)
+            self.box = nn.Linear(36, 4)
+
+        def forward(self, x):
+            h = self.trunk(x)
+            return {"cls": self.cls(h), "box": nn.functional.sigmoid(self.box(h))}
+
+    y = {"cls": rng.integers(0, 3, 2), "box": rng.uniform(0, 1, (2, 4))}
+    check_gradients(TwoHeads(), (2, 9, 8), {"cls": nn.CrossEntropyLoss(), "box": nn.L1Loss()}, X, y, backend,
+                    loss_weights={"cls": 1.0, "box": 2.5})

@@ -34,6 +34,7 @@ class ModuleWriter:
         self.scalar_names = sorted({s.name for st in self.all_stages() for s in st.body.free_symbols
                                     if not s.is_integer} - {"B"})
         self.functions: list[str] = []
+        self.signatures: dict[str, str] = {}  # stage function → its declaration, for split modules
         self.declares: set[str] = set()
 
     def all_stages(self):
@@ -48,6 +49,7 @@ class ModuleWriter:
         self.declares |= fw.declares
         params = ", ".join(f"ptr noalias %a{j}" for j in range(len(tensors)))
         name = f"@{self.prefix}_stage{k}"
+        self.signatures[name] = f"declare void {name}({', '.join(['ptr'] * (len(tensors) + 1))}, i64, i64, i64)"
         text = (f"define internal void {name}({params}, ptr noalias %scalars, i64 %B, i64 %tid, i64 %nt) {{\n"
                 f"entry:\n  %Bm1 = sub i64 %B, 1\n" + "\n".join(fw.allocas) + "\n" + "\n".join(fw.lines)
                 + "\n  ret void\n}\n")
@@ -195,13 +197,30 @@ class ModuleWriter:
 
     # ----- the module ---------------------------------------------------------------------------
     def module(self) -> str:
+        """The whole program as one module (what ``model.source("llvm")`` shows)."""
+        return self.modules(1)[0]
+
+    def modules(self, n: int) -> list[str]:
+        """The program as ``n`` modules of about equal size, so that LLVM can optimize them on
+        separate threads: the drivers and the barrier in the first, stage functions spread over
+        all (exported where split, and declared where the drivers call them)."""
         stage_fns = {}
         for part in ("forward", "loss", "backward", "update"):
             for k, stage in enumerate(getattr(self.prog, part)):
                 stage_fns[(part, k)] = self.stage_function(len(stage_fns), stage)
         drivers = [self.driver(phase, [stage_fns[key] for key in keys]) for phase, keys in self.phase_stages(stage_fns)]
         head = "\n".join(sorted(self.declares | {BARRIER_DECLARES}))
-        return head + "\n\n" + BARRIER + "\n" + "\n".join(self.functions) + "\n" + "\n".join(drivers)
+        if n <= 1:
+            return [head + "\n\n" + BARRIER + "\n" + "\n".join(self.functions) + "\n" + "\n".join(drivers)]
+        bins = [[] for _ in range(n)]
+        sizes = [sum(len(d) for d in drivers)] + [0] * (n - 1)
+        for text in sorted(self.functions, key=len, reverse=True):
+            k = sizes.index(min(sizes))
+            bins[k].append(text.replace("define internal void", "define void", 1))
+            sizes[k] += len(text)
+        elsewhere = [self.signatures[f.split("(", 1)[0].split()[-1]] for b in bins[1:] for f in b]
+        first = [head, BARRIER, *elsewhere, *bins[0], *drivers]
+        return ["\n".join(first)] + ["\n".join([head, *b]) for b in bins[1:] if b]
 
     def phase_stages(self, stage_fns):
         """Each phase's stages in order, and one single-stage driver per stage (for profiling)."""

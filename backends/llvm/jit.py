@@ -97,33 +97,61 @@ def write_cache(key: str, data: bytes) -> None:
         pass  # a cache that cannot be written only costs time
 
 
-class Compiled:
-    """Machine code for one module, loaded into the process's engine; functions by name."""
+def compile_part(ir_text: str) -> bytes:
+    """One module to object code, in an LLVM context of its own."""
+    context = llvm.create_context()
+    module = llvm.parse_assembly(ir_text, context=context)
+    module.verify()
+    optimize(module)
+    return target().emit_object(module)
 
-    def __init__(self, ir_text: str, use_cache: bool = True):
-        self.key = fingerprint(ir_text)
-        self.ir_text = ir_text
-        self.from_cache = False
-        data = read_cache(self.key) if use_cache else None
+
+def compile_workers() -> int:
+    return max(1, min(2, len(os.sched_getaffinity(0))))
+
+
+def compile_parts(parts: list[str]) -> list[bytes]:
+    """Object code for each part. llvmlite serialises every call into LLVM behind one lock, so
+    threads cannot overlap; the other parts go to forked processes (which inherit the loaded
+    LLVM and need no imports) while this one compiles the first."""
+    if len(parts) <= 1 or compile_workers() == 1:
+        return [compile_part(p) for p in parts]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(min(len(parts) - 1, compile_workers() - 1),
+                             mp_context=multiprocessing.get_context("fork")) as pool:
+        others = pool.map(compile_part, parts[1:])
+        first = compile_part(parts[0])
+        return [first, *others]
+
+
+class Compiled:
+    """Machine code for one program (one or several modules), loaded into the process's engine."""
+
+    def __init__(self, ir_parts, use_cache: bool = True):
+        parts = [ir_parts] if isinstance(ir_parts, str) else list(ir_parts)
+        self.ir_text = "\n".join(parts)
+        self.key = fingerprint(self.ir_text)
+        keys = [fingerprint(p) for p in parts]
+        objects = [read_cache(k) if use_cache else None for k in keys]
+        target()  # LLVM's targets initialised once, before any fork
+        missing = [j for j, o in enumerate(objects) if o is None]
+        for j, obj in zip(missing, compile_parts([parts[j] for j in missing])):
+            objects[j] = obj
+            if use_cache:
+                write_cache(keys[j], obj)
+        self.from_cache = not missing
         eng = engine()
         with _lock:
-            if data is not None:
+            for j, obj in enumerate(objects):
                 try:
-                    eng.add_object_file(llvm.ObjectFileRef.from_data(data))
-                    self.from_cache = True
+                    eng.add_object_file(llvm.ObjectFileRef.from_data(obj))
                 except Exception:  # noqa: BLE001 - a foreign or damaged entry is a miss
-                    data = None
-            if data is None:
-                module = llvm.parse_assembly(ir_text)
-                module.verify()
-                optimize(module)
-                self.optimized_ir = str(module)
-                data = target().emit_object(module)
-                eng.add_object_file(llvm.ObjectFileRef.from_data(data))
-                if use_cache:
-                    write_cache(self.key, data)
+                    objects[j] = compile_part(parts[j])
+                    eng.add_object_file(llvm.ObjectFileRef.from_data(objects[j]))
             eng.finalize_object()
-        self.object_code = data
+        self.object_code = b"".join(objects)
+        self.parts = parts
 
     def address(self, name: str) -> int:
         addr = engine().get_function_address(name)
@@ -132,6 +160,9 @@ class Compiled:
         return addr
 
     def assembly(self) -> str:
-        module = llvm.parse_assembly(self.ir_text)
-        optimize(module)
-        return target().emit_assembly(module)
+        out = []
+        for part in self.parts:
+            module = llvm.parse_assembly(part)
+            optimize(module)
+            out.append(target().emit_assembly(module))
+        return "\n".join(out)

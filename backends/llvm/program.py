@@ -14,7 +14,7 @@ import numpy as np
 
 from cnncompile.ir.expr import BATCH, PHASES, Program
 from .codegen import ModuleWriter
-from .jit import Compiled
+from .jit import Compiled, compile_workers, fingerprint
 
 PERSISTENT = ("param", "buffer", "state")
 ALIGN = 64
@@ -76,14 +76,15 @@ class LLVMExecutable:
         self.prog, self.dtype = prog, np.dtype(dtype)
         ftype = "float" if self.dtype == np.float32 else "double"
         placeholder = "cnncc_PREFIX"
-        text = ModuleWriter(prog, ftype, placeholder).module()
-        self.scalar_names = ModuleWriter(prog, ftype, placeholder).scalar_names
-        from .jit import fingerprint
-        prefix = "cc_" + fingerprint(text)[:16]
-        self.ir_text = text.replace(placeholder, prefix)
+        writer = ModuleWriter(prog, ftype, placeholder)
+        texts = writer.modules(compile_workers())
+        self.scalar_names = writer.scalar_names
+        prefix = "cc_" + fingerprint("\n".join(texts))[:16]
+        parts = [t.replace(placeholder, prefix) for t in texts]
+        self.ir_text = "\n".join(parts)
         with _loaded_lock:
             if prefix not in _loaded:
-                _loaded[prefix] = Compiled(self.ir_text, use_cache)
+                _loaded[prefix] = Compiled(parts, use_cache)
         self.compiled = _loaded[prefix]
         names = list(PHASES) + [f"only{k}" for k in range(len(prog.all_stages()))]
         self.phases = {p: PHASE_SIGNATURE(self.compiled.address(f"{prefix}_{p}")) for p in names}
