@@ -3,6 +3,7 @@ on MNIST padded to 32×32.
 
     cnncompile train examples/lenet5.py
 """
+from cnncompile import callbacks as cb
 from cnncompile import nn, optim
 
 net = nn.Sequential(
@@ -17,5 +18,6 @@ input_shape = (1, 32, 32)
 loss = nn.CrossEntropyLoss()
 optimizer = optim.SGD(lr=0.05, momentum=0.9, weight_decay=5e-4)
 dataset = "mnist"
-epochs = 8
+callbacks = [cb.StepLR(step_size=5, gamma=0.2)]  # lr 0.05 → 0.01 → 0.002
+epochs = 12
 batch_size = 64
