@@ -69,6 +69,7 @@ def save(model, path) -> None:
         "counters": {"step": model.step, "epoch": model.epoch, "noise_seed": model.noise_seed,
                      "noise_draws": model.noise_draws, "batches_tracked": model.batches_tracked},
         "callbacks": [[type(cb).__name__, cb.state_dict()] for cb in model.callbacks],
+        "history": model.history,
     }
     buffer = io.BytesIO()
     np.savez(buffer, **{"meta.json": np.frombuffer(json.dumps(meta).encode(), np.uint8)}, **arrays)
@@ -135,6 +136,7 @@ def restore(model, meta: dict, arrays: dict, path) -> None:
     model.step, model.epoch, model.noise_seed = c["step"], c["epoch"], c["noise_seed"]
     model.noise_draws, model.batches_tracked = c["noise_draws"], c["batches_tracked"]
     model.pending_callback_states = meta.get("callbacks", [])
+    model.history = meta.get("history", {})
 
 
 def load(path, net=None, backend=None):

@@ -134,6 +134,32 @@ def cmd_bench(args) -> None:
           f"({batch / step:,.0f} img/s, median of {args.rounds})")
 
 
+def cmd_show(args) -> None:
+    """Pictures of a (trained) network: load --checkpoint for trained weights and its history."""
+    from . import show
+    spec = load_spec(args.file)
+    model = cc.load(args.checkpoint) if args.checkpoint else compile_spec(spec, args)
+    written = []
+    if args.filters:
+        show.save_filters(model, args.filters, args.layer if args.layer and not args.patches else None)
+        written.append(args.filters)
+    if args.curves:
+        show.save_curves(model.history, args.curves)
+        written.append(args.curves)
+    if args.patches:
+        if not args.layer:
+            raise SystemExit("cnncompile show --patches needs --layer NAME (and --channel K)")
+        images = load_dataset(spec, args.data)["test"][0][: args.images]
+        show.save_patches(model, args.patches, args.layer, args.channel, images)
+        written.append(args.patches)
+    if args.graph:
+        model.graph(args.graph)
+        written.append(args.graph)
+    if not written:
+        raise SystemExit("cnncompile show: choose at least one of --filters, --curves, --patches, --graph (PNG paths)")
+    print("wrote " + ", ".join(written))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="cnncompile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,10 +196,20 @@ def main(argv=None) -> None:
     bench.add_argument("--batch-size", type=int)
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--rounds", type=int, default=5)
+    show = command("show", "pictures: filters, training curves, top patches, the graph", cmd_show)
+    show.add_argument("--checkpoint", help="trained weights and history (default: freshly initialised)")
+    show.add_argument("--filters", metavar="PNG")
+    show.add_argument("--curves", metavar="PNG")
+    show.add_argument("--patches", metavar="PNG")
+    show.add_argument("--graph", metavar="PNG")
+    show.add_argument("--layer", help="the layer for --patches (or --filters)")
+    show.add_argument("--channel", type=int, default=0)
+    show.add_argument("--images", type=int, default=2000, help="test images searched for --patches")
+    show.add_argument("--data")
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (cc.CompileError, cc.CheckpointError) as exc:
+    except (cc.CompileError, cc.CheckpointError, KeyError, ValueError) as exc:
         print(f"cnncompile: {exc}", file=sys.stderr)
         raise SystemExit(2)
 

@@ -68,6 +68,8 @@ def format_stage(stage: Stage, names: dict, latex: bool = False) -> str:
     op = " += " if stage.accumulate else " = "
     body = text(stage.body, names, latex)
     line = lhs + op + " ".join(sums) + (" " if sums else "") + body
+    if stage.mode != "any":  # batch norm and dropout: which mode runs this stage
+        line = f"[{'training' if stage.mode == 'train' else 'eval'}] " + line
     if guards:
         line += "    [only where " + ", ".join(guards) + "; 0 elsewhere]"
     if stage.argmax:

@@ -27,6 +27,7 @@ class Model:
         self.noise_seed, self.noise_draws = 0, 0  # dropout masks: drawn from (seed, draw number)
         self.batchnorms = [n.name for n in tracer.graph.ops if n.kind == "batchnorm2d"]
         self.batches_tracked = 0  # PyTorch's num_batches_tracked, the same for every batch norm
+        self.nan_guard = False  # stop at the first non-finite loss or value, naming the stage
         self.epoch = 0  # epochs completed by fit (a loaded checkpoint continues from here)
         self.callbacks, self.history, self.stop_training = [], {}, False
 
@@ -153,10 +154,42 @@ class Model:
             raise CompileError("this model was compiled without an optimizer: pass optimizer=cc.optim.SGD(...)")
         x, feeds = self._feeds(x, y)
         phase = self._mode_phase("train", True, feeds, len(x))
-        env = self.executable.run(phase, len(x), feeds, self.optimizer.scalars(self.step + 1))
+        scalars = self.optimizer.scalars(self.step + 1)
+        saved = {n: a.copy() for n, a in self.executable.state.items()} if self.nan_guard else None
+        env = self.executable.run(phase, len(x), feeds, scalars)
+        loss = float(env[self.prog.loss_name][0])
+        if saved is not None and not (np.isfinite(loss) and all(np.isfinite(a).all() for a in
+                                                                  self.executable.state.values())):
+            self._report_nonfinite(saved, phase, len(x), scalars)
         self.step += 1
         self.batches_tracked += 1
-        return float(env[self.prog.loss_name][0]), [env[t.name] for _, t in self.heads]
+        return loss, [env[t.name] for _, t in self.heads]
+
+    def _report_nonfinite(self, saved: dict, phase: str, batch: int, scalars: dict):
+        """Restore the state from before the step, replay it one stage at a time, and name the
+        first stage whose output is not finite."""
+        def restore():
+            for n, a in saved.items():
+                self.executable.state[n][...] = a
+
+        restore()
+        all_stages = self.prog.all_stages()
+        index = {id(s): k for k, s in enumerate(all_stages)}
+        culprit = None
+        for _, _, stage in self.prog.phase_stages(phase):
+            env = self.executable.run_stage(index[id(stage)], batch, scalars)
+            out = env[stage.out]
+            if out.dtype.kind == "f" and not np.isfinite(out).all():
+                culprit = stage
+                break
+        restore()
+        from .explain import format_stage
+        where = ("no single stage (inputs or parameters were already non-finite)" if culprit is None else
+                 f"stage '{culprit.out}' ({culprit.role} of layer '{culprit.layer}'): "
+                 f"{format_stage(culprit, {})}")
+        raise FloatingPointError(f"NaN guard: step {self.step + 1} produced a non-finite value, first in {where}. "
+                                 f"The parameters are left as they were before this step; lower the learning "
+                                 f"rate or check the data")
 
     def classification_head(self):
         """Index of the first head trained with cross-entropy (for accuracy), or None."""
@@ -228,11 +261,12 @@ class Model:
         return explain(self, layer, latex)
 
     def fit(self, train, epochs: int = 1, batch_size: int = 64, validation=None, callbacks=(), seed: int = 0,
-            verbose=True, augment=None):
+            verbose=True, augment=None, nan_guard=None):
         """Train on ``train = (x, y)`` up to epoch ``epochs``; returns the history (loss, accuracy,
         val_loss, val_accuracy, lr, seconds per epoch). See `cnncompile.train.fit`."""
         from .train import fit
-        return fit(self, train, epochs, batch_size, validation, callbacks, seed, verbose, augment)
+        return fit(self, train, epochs, batch_size, validation, callbacks, seed, verbose, augment,
+                   nan_guard=nan_guard)
 
     def save(self, path) -> None:
         """Checkpoint: weights, optimizer and schedule state, epoch, RNG counters, the network."""
@@ -243,6 +277,18 @@ class Model:
         """A table: layer, output shape, parameters, MACs, receptive field (size, jump, start)."""
         from .summary import summary
         return summary(self)
+
+    def graph(self, path=None) -> str:
+        """The graph IR as DOT text; with ``path`` also written there (``.png`` draws it, else DOT)."""
+        from . import show
+        dot = show.graph_dot(self)
+        if path is not None:
+            if str(path).endswith(".png"):
+                show.save_graph(self, path)
+            else:
+                with open(path, "w") as f:
+                    f.write(dot)
+        return dot
 
     def source(self, kind: str = "llvm") -> str:
         """The generated code: "llvm" (IR as generated), "asm" (after O3, this CPU), or "numpy"."""

@@ -61,7 +61,7 @@ class Progress:
 
 
 def fit(model, train, epochs: int = 1, batch_size: int = 64, validation=None, callbacks=(), seed: int = 0,
-        verbose: bool = True, augment=None, stream=None) -> dict:
+        verbose: bool = True, augment=None, stream=None, nan_guard: bool | None = None) -> dict:
     """Train ``epochs`` more epochs, numbered on from those already done (so a model loaded from a
     checkpoint continues its schedule and its seeded batch order); returns the history, one
     list per logged value."""
@@ -71,6 +71,8 @@ def fit(model, train, epochs: int = 1, batch_size: int = 64, validation=None, ca
     if batch_size < 1:
         raise ValueError(f"fit: batch_size must be ≥ 1, got {batch_size}")
     # checkpoints last, so that they save what the schedules decided this epoch
+    if nan_guard is not None:
+        model.nan_guard = nan_guard
     callbacks = sorted(callbacks or (), key=lambda cb: type(cb).__name__ == "ModelCheckpoint")
     model.callbacks, model.stop_training = callbacks, False
     pending = getattr(model, "pending_callback_states", None) or []
@@ -78,7 +80,7 @@ def fit(model, train, epochs: int = 1, batch_size: int = 64, validation=None, ca
         if type(cb).__name__ == name:
             cb.load_state_dict(state)
     model.pending_callback_states = []
-    history: dict[str, list] = {}
+    history: dict[str, list] = {k: list(v) for k, v in (model.history or {}).items()}  # resumed runs add on
     for cb in callbacks:
         cb.on_train_begin(model)
     try:
@@ -87,10 +89,11 @@ def fit(model, train, epochs: int = 1, batch_size: int = 64, validation=None, ca
             logs = run_epoch(model, x, y, batch_size, seed, epoch, last, augment,
                              Progress(len(x), epoch, last, stream) if verbose else None, validation)
             model.epoch = epoch
-            for cb in callbacks:
-                cb.on_epoch_end(model, epoch, logs)
             for k, v in logs.items():
                 history.setdefault(k, []).append(v)
+            model.history = history  # before the callbacks, so a checkpoint holds this epoch too
+            for cb in callbacks:
+                cb.on_epoch_end(model, epoch, logs)
             if not all(math.isfinite(v) for k, v in logs.items() if k.endswith("loss")):
                 raise FloatingPointError(f"fit: the loss became {logs['loss']} in epoch {epoch}; lower the "
                                          f"learning rate (now {model.optimizer.lr:g})")
@@ -99,7 +102,6 @@ def fit(model, train, epochs: int = 1, batch_size: int = 64, validation=None, ca
     finally:  # EarlyStopping restores its best weights however training ends
         for cb in callbacks:
             cb.on_train_end(model)
-    model.history = history
     return history
 
 

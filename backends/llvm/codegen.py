@@ -28,8 +28,9 @@ def dims(shape) -> list:
 
 
 class ModuleWriter:
-    def __init__(self, prog: Program, ftype: str, prefix: str):
-        self.prog, self.ft, self.prefix = prog, ftype, prefix
+    def __init__(self, prog: Program, ftype: str, prefix: str, checked: bool = False):
+        self.prog, self.ft, self.prefix, self.checked = prog, ftype, prefix, checked
+        self.current_stage = 0
         self.tensor_ids = {name: k for k, name in enumerate(prog.tensors)}
         self.scalar_names = sorted({s.name for st in self.all_stages() for s in st.body.free_symbols
                                     if not s.is_integer} - {"B"})
@@ -42,6 +43,7 @@ class ModuleWriter:
 
     # ----- one stage ----------------------------------------------------------------------------
     def stage_function(self, k: int, stage: Stage) -> tuple[str, list[str]]:
+        self.current_stage = k
         tensors = sorted({tensor_of(r) for r in stage.body.atoms(sympy.Indexed)} | {stage.out} | set(stage.argmax))
         fw = FunctionWriter(self.ft)
         for geo in residue_classes(stage):
@@ -154,7 +156,26 @@ class ModuleWriter:
     def address(self, fw, tensor, index, vals, shapes, ptr):
         elem = "i64" if self.prog.tensors[tensor].dtype == "int" else self.ft
         at = self.offset(fw, tensor, index, vals, shapes)
+        if self.checked:
+            at = self.checked_offset(fw, tensor, at, shapes)
         return elem, fw.op(f"getelementptr inbounds {elem}, ptr {ptr[tensor]}, i64 {at}", "p")
+
+    def checked_offset(self, fw, tensor, at, shapes) -> str:
+        """Bounds-checked mode: an offset outside the buffer is reported (stage, tensor, offset in
+        the scalar block's last four slots) and replaced by 0, so the access stays inside."""
+        size = 1
+        for d in shapes[tensor]:
+            size = fw.imul(size, "%B") if d == "B" else (size * d if isinstance(size, int) else fw.imul(size, d))
+        bad = fw.op(f"icmp uge i64 {at}, {size}")
+        base = len(self.scalar_names)
+
+        def report():
+            for k, value in enumerate((self.current_stage, self.tensor_ids[tensor], at, 1)):
+                slot = fw.op(f"getelementptr inbounds double, ptr %scalars, i64 {base + k}", "p")
+                fw.raw(f"store double {fw.op(f'sitofp i64 {value} to double')}, ptr {slot}")
+
+        fw.when(bad, report)
+        return fw.op(f"select i1 {bad}, i64 0, i64 {at}")
 
     def store(self, fw, tensor, index, vals, shapes, ptr, value):
         elem, p = self.address(fw, tensor, index, vals, shapes, ptr)

@@ -76,7 +76,8 @@ class LLVMExecutable:
         self.prog, self.dtype = prog, np.dtype(dtype)
         ftype = "float" if self.dtype == np.float32 else "double"
         placeholder = "cnncc_PREFIX"
-        writer = ModuleWriter(prog, ftype, placeholder)
+        self.checked = os.environ.get("CNNCOMPILE_CHECK") == "1"
+        writer = ModuleWriter(prog, ftype, placeholder, checked=self.checked)
         texts = writer.modules(compile_workers())
         self.scalar_names = writer.scalar_names
         prefix = "cc_" + fingerprint("\n".join(texts))[:16]
@@ -93,7 +94,7 @@ class LLVMExecutable:
         self.threads = thread_count()
         self.workers = Workers(self.threads)
         self.barrier = aligned_zeros((16,), np.int32)
-        self.scalars = aligned_zeros((max(1, len(self.scalar_names)),), np.float64)
+        self.scalars = aligned_zeros((len(self.scalar_names) + 4,), np.float64)  # + bounds-check report
 
     def allocate(self, spec, batch: int) -> np.ndarray:
         shape = tuple(batch if d is BATCH else d for d in spec.shape)
@@ -107,6 +108,10 @@ class LLVMExecutable:
             pointers = (ctypes.c_void_p * len(env))(*(env[n].ctypes.data for n in self.prog.tensors))
             self.bound[batch] = (env, pointers)
         return self.bound[batch]
+
+    def run_stage(self, index: int, batch: int, scalars: dict | None = None) -> Env:
+        """Only stage ``index`` of ``prog.all_stages()`` (the NaN guard replays a step this way)."""
+        return self.run(f"only{index}", batch, {}, scalars)
 
     def run(self, phase: str, batch: int, feeds: dict, scalars: dict | None = None) -> Env:
         """Run a phase; ``feeds`` must already be validated arrays of the planned shapes."""
@@ -123,4 +128,20 @@ class LLVMExecutable:
             self.barrier.ctypes.data
         n = self.threads
         self.workers.run(lambda tid: fn(ptrs, scal, batch, tid, n, bar))
+        if self.checked:
+            self.raise_violation(batch)
         return env
+
+    def raise_violation(self, batch: int) -> None:
+        base = len(self.scalar_names)
+        if self.scalars[base + 3] == 0:
+            return
+        stage_k, tensor_k, offset = (int(v) for v in self.scalars[base:base + 3])
+        self.scalars[base:] = 0
+        stage = self.prog.all_stages()[stage_k]
+        tensor = list(self.prog.tensors)[tensor_k]
+        shape = tuple(batch if not isinstance(d, int) else d for d in self.prog.tensors[tensor].shape)
+        raise IndexError(f"bounds check (CNNCOMPILE_CHECK=1): stage {stage_k} writing '{stage.out}' "
+                         f"({stage.role} of layer '{stage.layer}') touched {tensor} at flat offset {offset}, "
+                         f"outside its shape {shape}; the access was suppressed. This is a compiler bug: "
+                         f"please report it with the network")

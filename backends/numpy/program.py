@@ -50,3 +50,14 @@ class NumpyExecutable:
         for part, k, _ in self.prog.phase_stages(phase):
             runners[part][k](env)
         return env
+
+    def run_stage(self, index: int, batch: int, scalars: dict | None = None) -> Env:
+        """Only stage ``index`` of ``prog.all_stages()`` (the NaN guard replays a step this way)."""
+        env, runners = self.bind(batch)
+        env.scalars.update(scalars or {})
+        for part in ("forward", "loss", "backward", "update"):
+            if index < len(runners[part]):
+                runners[part][index](env)
+                return env
+            index -= len(runners[part])
+        raise IndexError("internal: no such stage")

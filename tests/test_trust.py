@@ -1,0 +1,102 @@
+"""Issue 8: the NaN guard names the first bad stage; bounds-checked native code reports a stage
+and an offset instead of touching memory outside a buffer; determinism after N steps."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cnncompile as cc
+from cnncompile import nn
+
+
+def exploding(backend):
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4))
+    return cc.compile(net, (1, 8, 8), loss=nn.CrossEntropyLoss(), optimizer=cc.optim.SGD(lr=1e30),
+                      backend=backend, seed=0)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_nan_guard_names_the_first_stage_and_keeps_the_parameters(backend):
+    model = exploding(backend)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 1, 8, 8)).astype(np.float32) * 100, rng.integers(0, 4, 8)
+    model.nan_guard = True
+    with np.errstate(all="ignore"):
+        model.train_step(x, y)  # lr 1e30: the parameters become huge but finite ...
+        before = model.state_dict()
+        with pytest.raises(FloatingPointError, match=r"first in stage '[^']+' \((forward|loss|backward|update) "
+                                                     r"of layer '[^']+'\)"):
+            for _ in range(5):  # ... and soon overflow
+                before = model.state_dict()
+                model.train_step(x, y)
+    after = model.state_dict()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+
+
+def test_nan_guard_off_by_default_and_fit_turns_it_on():
+    model = exploding("numpy")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((32, 1, 8, 8)).astype(np.float32) * 100, rng.integers(0, 4, 32)
+    with np.errstate(all="ignore"), pytest.raises(FloatingPointError, match="NaN guard"):
+        model.fit((x, y), epochs=3, batch_size=8, verbose=False, nan_guard=True)
+
+
+def test_bounds_check_reports_an_out_of_range_write(monkeypatch):
+    """A deliberately wrong stage (it writes one past its buffer) in checked mode."""
+    from cnncompile.backends.llvm.program import LLVMExecutable
+    from cnncompile.ir.affine import Affine
+    from cnncompile.ir.expr import Program, Stage, TensorSpec, read, var
+    monkeypatch.setenv("CNNCOMPILE_CHECK", "1")
+    prog = Program()
+    prog.add_tensor(TensorSpec("a", (5,), "param"))
+    prog.add_tensor(TensorSpec("out", (5,), "activation"))
+    prog.forward.append(Stage(out="out", out_index=(Affine.var("x") + Affine.constant(1),), domain=(("x", 5),),
+                              body=read("a", var("x")) * 2, layer="broken"))
+    exe = LLVMExecutable(prog, np.float32, use_cache=False)
+    exe.state["a"][...] = np.arange(5)
+    with pytest.raises(IndexError, match=r"stage 0 writing 'out' \(forward of layer 'broken'\) touched out at "
+                                         r"flat offset 5, outside its shape \(5,\)"):
+        exe.run("predict", 1, {})
+    np.testing.assert_array_equal(exe.bound[1][0]["out"][1:], [0, 2, 4, 6])
+
+
+def test_checked_mode_runs_a_real_network_clean(monkeypatch):
+    monkeypatch.setenv("CNNCOMPILE_CHECK", "1")
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.MaxPool2d(3, 2, 1), nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2), nn.Flatten(),
+                        nn.Dropout(0.2), nn.Linear(4 * 3 * 3, 3))
+    checked = cc.compile(net, (2, 9, 9), loss=nn.CrossEntropyLoss(), optimizer=cc.optim.Adam(), backend="llvm")
+    assert checked.executable.checked
+    monkeypatch.delenv("CNNCOMPILE_CHECK")
+    plain = cc.compile(net, (2, 9, 9), loss=nn.CrossEntropyLoss(), optimizer=cc.optim.Adam(), backend="numpy")
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        x, y = rng.standard_normal((3 + step, 2, 9, 9)), rng.integers(0, 3, 3 + step)
+        assert checked.train_step(x, y) == pytest.approx(plain.train_step(x, y), rel=1e-4)
+
+
+SCRIPT = """
+import sys, numpy as np, cnncompile as cc
+from cnncompile import nn
+net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                    nn.Dropout(0.3), nn.Linear(36, 3))
+m = cc.compile(net, (1, 8, 8), loss=nn.CrossEntropyLoss(), optimizer=cc.optim.Adam(lr=0.01), backend=sys.argv[1])
+rng = np.random.default_rng(0)
+for step in range(10):
+    m.train_step(rng.standard_normal((16, 1, 8, 8)), rng.integers(0, 3, 16))
+np.save(sys.argv[2], np.concatenate([v.ravel().astype(np.float64) for v in m.state_dict().values()]))
+"""
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_bit_identical_parameters_across_runs_and_thread_counts(backend, tmp_path):
+    results = []
+    for run, threads in enumerate(["1", "2", "2"]):
+        out = tmp_path / f"{run}.npy"
+        env = dict(os.environ, CNNCOMPILE_THREADS=threads, PYTHONHASHSEED=str(run))
+        subprocess.run([sys.executable, "-c", SCRIPT, backend, str(out)], env=env, check=True)
+        results.append(np.load(out))
+    assert all(np.array_equal(results[0], r) for r in results[1:])
