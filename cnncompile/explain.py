@@ -88,6 +88,10 @@ def explain_layer(model, layer: str, latex: bool = False) -> str:
     bwd = [s for s in prog.backward if s.layer == layer]
     lines = [f"layer '{layer}' ({node.type}), forward:"]
     lines += ["  " + format_stage(s, names, latex) for s in fwd]
+    stats = [s for s in prog.update if s.layer == layer and s.role == "stats"]
+    if stats:
+        lines.append("running statistics (updated after each training step):")
+        lines += ["  " + format_stage(s, names, latex) for s in stats]
     if bwd:
         lines.append("backward (derived, run in train_step):")
         lines += [f"  {through(s.wrt, names)}\n    {format_stage(s, names, latex)}" for s in bwd]

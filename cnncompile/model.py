@@ -107,6 +107,8 @@ class Model:
         if self.loss is None:
             raise CompileError("this model was compiled without a loss: pass loss=... to cc.compile")
         keys = [k for k, _ in self.heads]
+        if isinstance(y, dict) and keys != [None] and set(keys) - set(y):
+            raise KeyError(f"no target for head(s) {sorted(set(keys) - set(y))}; give a dict with keys {keys}")
         targets = [y] if keys == [None] else [y[k] for k in keys] if isinstance(y, dict) else list(y)
         if len(targets) != len(keys):
             raise ValueError(f"expected {len(keys)} targets (one per head {keys}), got {len(targets)}")

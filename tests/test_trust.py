@@ -100,3 +100,78 @@ def test_bit_identical_parameters_across_runs_and_thread_counts(backend, tmp_pat
         subprocess.run([sys.executable, "-c", SCRIPT, backend, str(out)], env=env, check=True)
         results.append(np.load(out))
     assert all(np.array_equal(results[0], r) for r in results[1:])
+
+
+# ----- more of the bad-input catalogue (tests/test_errors.py holds the single-head basics) -----------
+def two_head_model():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten())
+            self.cls = nn.Linear(72, 3)
+            self.box = nn.Linear(72, 8)
+
+        def forward(self, x):
+            h = self.trunk(x)
+            return {"cls": self.cls(h), "box": self.box(h)}
+
+    return cc.compile(Net(), (1, 8, 8), loss={"cls": nn.CrossEntropyLoss(), "box": nn.MSELoss()},
+                      optimizer=cc.optim.SGD(lr=0.1), backend="numpy")
+
+
+GOOD_X = np.zeros((4, 1, 8, 8), np.float32)
+
+
+@pytest.mark.parametrize("x,y,error,message", [
+    (GOOD_X, {"cls": np.zeros(4, int)}, KeyError, r"no target for head\(s\) \[.box.\]"),
+    (GOOD_X, {"cls": np.zeros(4, int), "box": np.zeros((4, 7))}, ValueError, r"shape \(4, 7\); expected \(N, 8\)"),
+    (GOOD_X, {"cls": np.zeros(4, int), "box": np.zeros((3, 8))}, ValueError, "3 rows but the input has 4"),
+    (GOOD_X, {"cls": np.zeros(4, int), "box": np.full((4, 8), np.inf)}, ValueError, "NaN or Inf"),
+    (GOOD_X[:1, :, :3, :3], None, ValueError, "expected"),
+    (GOOD_X[:1], {"cls": np.zeros(1, int), "box": np.zeros((1, 8))}, None, None),
+])
+def test_multi_head_targets_are_checked(x, y, error, message):
+    model = two_head_model()
+    before = model.state_dict()
+    if error is None:  # batch 1 of a 6×6 map: 36 values per channel, batch norm is fine
+        assert np.isfinite(model.train_step(x, y))
+        return
+    with pytest.raises(error, match=message):
+        model.train_step(x, y)
+    assert all(np.array_equal(before[k], model.state_dict()[k]) for k in before)
+
+
+def test_batch_norm_needs_two_values_per_channel_in_training():
+    net = nn.Sequential(nn.Conv2d(1, 2, 8), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2, 2))
+    model = cc.compile(net, (1, 8, 8), loss=nn.CrossEntropyLoss(), optimizer=cc.optim.SGD(lr=0.1), backend="llvm")
+    with pytest.raises(ValueError, match=r"layer '1' \(BatchNorm2d\) sees 1 value per channel"):
+        model.train_step(GOOD_X[:1], [0])
+    model.eval()
+    assert model.predict(GOOD_X[:1]).shape == (1, 2)  # eval uses running statistics: fine
+
+
+def test_torch_tensors_and_bad_layer_arguments():
+    import torch
+    model = two_head_model()
+    out = model.predict(torch.zeros(2, 1, 8, 8))
+    assert out["box"].shape == (2, 8)
+    with pytest.raises(ValueError, match="p must be in"):
+        nn.Dropout(1.5)
+    with pytest.raises(cc.ShapeError, match=r"layer '1' \(BatchNorm2d\) expects input \(N, 3, H, W\)"):
+        cc.compile(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(3)), (1, 8, 8))
+    with pytest.raises(cc.ShapeError, match="cannot concatenate"):
+        class Bad(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = nn.Conv2d(1, 2, 3)
+
+            def forward(self, x):
+                return cc.cat([x, self.a(x)], 1)
+
+        cc.compile(Bad(), (1, 8, 8))
+
+
+def test_fit_rejects_empty_data():
+    model = two_head_model()
+    with pytest.raises(ValueError, match="empty"):
+        model.fit((GOOD_X[:0], {"cls": np.zeros(0, int), "box": np.zeros((0, 8))}), epochs=1, verbose=False)

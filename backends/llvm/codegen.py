@@ -36,6 +36,7 @@ class ModuleWriter:
                                     if not s.is_integer} - {"B"})
         self.functions: list[str] = []
         self.signatures: dict[str, str] = {}  # stage function → its declaration, for split modules
+        self.bodies: dict[str, str] = {}  # function text without its name → the function's name
         self.declares: set[str] = set()
 
     def all_stages(self):
@@ -50,12 +51,15 @@ class ModuleWriter:
             self.class_nest(fw, stage, geo, tensors)
         self.declares |= fw.declares
         params = ", ".join(f"ptr noalias %a{j}" for j in range(len(tensors)))
-        name = f"@{self.prefix}_stage{k}"
-        self.signatures[name] = f"declare void {name}({', '.join(['ptr'] * (len(tensors) + 1))}, i64, i64, i64)"
-        text = (f"define internal void {name}({params}, ptr noalias %scalars, i64 %B, i64 %tid, i64 %nt) {{\n"
+        body = (f"({params}, ptr noalias %scalars, i64 %B, i64 %tid, i64 %nt) {{\n"
                 f"entry:\n  %Bm1 = sub i64 %B, 1\n" + "\n".join(fw.allocas) + "\n" + "\n".join(fw.lines)
                 + "\n  ret void\n}\n")
-        self.functions.append(text)
+        if body in self.bodies:  # the same loops over other buffers (repeated blocks): compile once
+            return self.bodies[body], tensors
+        name = f"@{self.prefix}_stage{k}"
+        self.bodies[body] = name
+        self.signatures[name] = f"declare void {name}({', '.join(['ptr'] * (len(tensors) + 1))}, i64, i64, i64)"
+        self.functions.append(f"define internal void {name}" + body)
         return name, tensors
 
     def class_nest(self, fw: FunctionWriter, stage: Stage, geo, tensors) -> None:
