@@ -84,11 +84,17 @@ class ModuleWriter:
         for term in terms:
             constraints = list(geo.constraints) + read_ranges(term, grid, shapes)
             accumulate = stage.accumulate or needs_init
-            self.nest(fw, grid, order, constraints, bool(outer),
+            vector, term_order = None, order
+            row_order = [o for o, _ in outer[:-1]] + [r for r, _ in reduce_] + [outer[-1][0]] if outer else order
+            if accumulate and not self.checked and vectorizable(stage, term, out_index, outer, reduce_, row_order,
+                                                                self.prog):
+                vector, term_order = RegisterRow(self, fw, stage.out, term, out_index, shapes, ptr, row_order[-1],
+                                                 dict(grid)[row_order[-1]], len(outer) - 1), row_order
+            self.nest(fw, grid, term_order, constraints, bool(outer),
                       lambda vals, term=term: self.statement(fw, stage, term, out_index, geo, vals, shapes, ptr,
-                                                             accumulate))
+                                                             accumulate), vector)
 
-    def nest(self, fw, grid, order, constraints, split: bool, statement) -> None:
+    def nest(self, fw, grid, order, constraints, split: bool, statement, vector=None) -> None:
         """Loops in ``order`` with Fourier–Motzkin bounds; the first loop (an output variable) is
         split over the threads; without output variables thread 0 runs the whole nest."""
         extents = dict(grid)
@@ -119,6 +125,9 @@ class ModuleWriter:
             v = order[k]
             lo = self.bound(fw, bounds[v][0], vals, lower=True)
             hi = self.bound(fw, bounds[v][1], vals, lower=False)
+            if vector is not None and k == len(order) - 1:
+                vector.innermost(vals, lo, hi)  # the output row, a few vectors at once
+                return
             if k == 0 and split:  # this thread's share of the outermost loop
                 n = extent_value(extents[v])
                 start = fw.op(f"sdiv i64 {fw.imul(n, '%tid')}, %nt")
@@ -130,12 +139,43 @@ class ModuleWriter:
                 vals[v] = value
                 level(k + 1)
 
+            if vector is not None and k == len(order) - 2 and vector.partials > 1:
+                self.unrolled_reduction(fw, vector, v, lo, hi, vals, lambda: level(k + 1), k == vector.first_reduce)
+                return
+            if vector is not None and k == vector.first_reduce:  # registers live across the reductions
+                vector.begin()
+                fw.loop(lo, hi, inner)
+                vector.end(vals)
+                return
             fw.loop(lo, hi, inner)
 
         if split:
             level(0)
         else:
             fw.when(fw.op("icmp eq i64 %tid, 0"), lambda: level(0))
+
+    def unrolled_reduction(self, fw, vector, v, lo, hi, vals, body, first: bool) -> None:
+        """The last reduction loop unrolled ``vector.partials`` times, each copy adding into its own
+        accumulators (independent FMA chains hide their latency). A copy past ``hi`` reads at
+        ``lo`` (in range) and its lanes are masked to zero."""
+        p = vector.partials
+        count = fw.op(f"sub nsw i64 {fw.iadd(hi, 1)}, {lo}")
+        last = fw.op(f"sdiv i64 {fw.iadd(count, p - 1)}, {p}")
+
+        def block(t):
+            for k in range(p):
+                r = fw.iadd(lo, fw.iadd(fw.imul(t, p), k))
+                valid = fw.op(f"icmp sle i64 {r}, {hi}")
+                vals[v] = fw.op(f"select i1 {valid}, i64 {r}, i64 {lo}")
+                vector.partial, vector.valid = k, valid
+                body()
+
+        if first:
+            vector.begin()
+        fw.loop("0", fw.op(f"sub nsw i64 {last}, 1"), block)
+        vector.partial, vector.valid = 0, None
+        if first:
+            vector.end(vals)
 
     def bound(self, fw, items, vals, lower: bool):
         result = None
@@ -272,12 +312,164 @@ class ModuleWriter:
                 "{\n" + "\n".join(lines) + "\n}\n")
 
 
+MAX_ROW = 64  # longest output row held in registers (8 ymm accumulators for float)
+
+
+def vectorizable(stage, term, out_index, outer, reduce_, order, prog) -> bool:
+    """Can the innermost output variable run as a row of vector accumulators kept in registers
+    across the reduction loops (output-stationary)? Needs: a sum with reductions, the innermost
+    loop an output variable that is the output's last index (unit stride) and at most MAX_ROW
+    long, every read either free of it or unit-stride in it on its last index, float reads only,
+    and a body of +, ×, constants and runtime scalars."""
+    if stage.combine != "sum" or not reduce_ or len(outer) < 2 or stage.argmax:
+        return False
+    v, extent = order[-1], dict(outer).get(order[-1])
+    if extent is None or not isinstance(extent, int) or extent > MAX_ROW or extent < 4:
+        return False
+    if out_index[-1] != Affine.var(v) or any(e.coeff(v) for e in out_index[:-1]):
+        return False
+    for r in term.atoms(sympy.Indexed):
+        if prog.tensors[tensor_of(r)].dtype != "float":
+            return False
+        index = [Affine.from_sympy(i) for i in r.indices]
+        if any(e.coeff(v) for e in index[:-1]) or index[-1].coeff(v) not in (0, 1):
+            return False
+    loop_vars = {name for name, _ in outer + reduce_}
+    return vector_safe(term, loop_vars)
+
+
+def vector_safe(e, loop_vars) -> bool:
+    if isinstance(e, sympy.Indexed) or e.is_Number:
+        return True
+    if isinstance(e, sympy.Symbol):
+        return e.name not in loop_vars
+    if isinstance(e, (sympy.Add, sympy.Mul)):
+        return all(vector_safe(a, loop_vars) for a in e.args)
+    if isinstance(e, sympy.Pow) and (e.exp == -1 or (e.exp.is_Integer and 1 < e.exp <= 4)):
+        return vector_safe(e.base, loop_vars)
+    return False
+
+
+class RegisterRow:
+    """Output-stationary schedule for one term: ``out[..., v0:v0+L]`` accumulates in ⌈L/W⌉ vector
+    registers while the reduction loops run; reads free of ``v`` are broadcast, the others are
+    loaded W lanes at a time with a mask from ``v``'s Fourier–Motzkin bounds (lanes outside are
+    never touched), and the row is added to the output once at the end."""
+
+    def __init__(self, writer, fw, out, term, out_index, shapes, ptr, v, extent, first_reduce):
+        self.w, self.fw, self.out, self.term, self.out_index = writer, fw, out, term, out_index
+        self.shapes, self.ptr, self.v, self.extent, self.first_reduce = shapes, ptr, v, extent, first_reduce
+        self.lanes = 8 if fw.ft == "float" else 4
+        self.vt = f"<{self.lanes} x {fw.ft}>"
+        self.mt = f"<{self.lanes} x i1>"
+        self.chunks = (extent + self.lanes - 1) // self.lanes
+        self.align = 4 if fw.ft == "float" else 8
+        suffix = f"v{self.lanes}{'f32' if fw.ft == 'float' else 'f64'}"
+        self.load_fn, self.store_fn = f"@llvm.masked.load.{suffix}.p0", f"@llvm.masked.store.{suffix}.p0"
+        fw.declares.add(f"declare {self.vt} {self.load_fn}(ptr, i32, {self.mt}, {self.vt})")
+        fw.declares.add(f"declare void {self.store_fn}({self.vt}, ptr, i32, {self.mt})")
+        self.partials = {1: 4, 2: 2}.get(self.chunks, 1)  # independent FMA chains per output vector
+        self.partial, self.valid = 0, None
+        self.accs = []
+        for _ in range(self.partials):
+            row = []
+            for _ in range(self.chunks):
+                slot = fw.fresh("acc")
+                fw.allocas.append(f"  {slot} = alloca {self.vt}")
+                row.append(slot)
+            self.accs.append(row)
+
+    def splat(self, scalar: str, ty: str | None = None) -> str:
+        ty = ty or self.fw.ft
+        one = self.fw.op(f"insertelement <{self.lanes} x {ty}> poison, {ty} {scalar}, i64 0")
+        return self.fw.op(f"shufflevector <{self.lanes} x {ty}> {one}, <{self.lanes} x {ty}> poison, "
+                          f"<{self.lanes} x i32> zeroinitializer")
+
+    def begin(self) -> None:
+        for row in self.accs:
+            for slot in row:
+                self.fw.raw(f"store {self.vt} zeroinitializer, ptr {slot}")
+
+    def lane_mask(self, c: int, lo: str, hi: str) -> str:
+        fw = self.fw
+        lanes = ", ".join(f"i64 {c * self.lanes + k}" for k in range(self.lanes))
+        index = f"<{lanes}>"
+        ge = fw.op(f"icmp sge <{self.lanes} x i64> {index}, {self.splat(lo, 'i64')}")
+        le = fw.op(f"icmp sle <{self.lanes} x i64> {index}, {self.splat(hi, 'i64')}")
+        return fw.op(f"and {self.mt} {ge}, {le}")
+
+    def innermost(self, vals, lo: str, hi: str) -> None:
+        fw = self.fw
+        for c, slot in enumerate(self.accs[self.partial]):
+            mask = self.lane_mask(c, lo, hi)
+            if self.valid is not None:  # an unrolled copy past the loop's end adds nothing
+                mask = fw.op(f"and {self.mt} {mask}, {self.splat(self.valid, 'i1')}")
+            vals[self.v] = str(c * self.lanes)
+            value = self.emit(self.term, vals, mask)
+            if self.valid is not None:
+                value = fw.op(f"select {self.mt} {mask}, {self.vt} {value}, {self.vt} zeroinitializer")
+            total = fw.op(f"fadd {FAST} {self.vt} {fw.op(f'load {self.vt}, ptr {slot}')}, {value}")
+            fw.raw(f"store {self.vt} {total}, ptr {slot}")
+        del vals[self.v]
+
+    def end(self, vals) -> None:
+        """Add the row to the output, lanes past the row's end masked off."""
+        fw = self.fw
+        for c in range(self.chunks):
+            vals[self.v] = str(c * self.lanes)
+            mask = self.lane_mask(c, "0", str(self.extent - 1))
+            p = self.address(self.out, self.out_index, vals)
+            total = fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {mask}, {self.vt} "
+                          f"zeroinitializer)")
+            for row in self.accs:  # partial sums in a fixed order: deterministic
+                total = fw.op(f"fadd {FAST} {self.vt} {total}, {fw.op(f'load {self.vt}, ptr {row[c]}')}")
+            fw.raw(f"call void {self.store_fn}({self.vt} {total}, ptr {p}, i32 {self.align}, {self.mt} {mask})")
+        del vals[self.v]
+
+    def address(self, tensor, index, vals) -> str:
+        at = self.w.offset(self.fw, tensor, index, vals, self.shapes)
+        return self.fw.op(f"getelementptr {self.fw.ft}, ptr {self.ptr[tensor]}, i64 {at}", "p")
+
+    def emit(self, e, vals, mask) -> str:
+        fw = self.fw
+        if isinstance(e, sympy.Indexed):
+            index = [Affine.from_sympy(i) for i in e.indices]
+            if index[-1].coeff(self.v):
+                p = self.address(tensor_of(e), index, vals)
+                return fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {mask}, "
+                             f"{self.vt} zeroinitializer)")
+            p = self.address(tensor_of(e), index, vals)
+            return self.splat(fw.op(f"load {fw.ft}, ptr {p}"))
+        if isinstance(e, sympy.Symbol):
+            if e.name == "B":
+                return self.splat(fw.op(f"sitofp i64 %B to {fw.ft}"))
+            slot = fw.op(f"getelementptr inbounds double, ptr %scalars, i64 {self.w.scalar_names.index(e.name)}", "p")
+            value = fw.op(f"load double, ptr {slot}")
+            return self.splat(value if fw.ft == "double" else fw.op(f"fptrunc double {value} to float"))
+        if e.is_Number:
+            return self.splat(fw.fconst(float(e)))
+        if isinstance(e, (sympy.Add, sympy.Mul)):
+            args = [self.emit(a, vals, mask) for a in e.args]
+            total = args[0]
+            for a in args[1:]:
+                total = fw.op(f"{'fadd' if isinstance(e, sympy.Add) else 'fmul'} {FAST} {self.vt} {total}, {a}")
+            return total
+        base = self.emit(e.base, vals, mask)  # a Pow, as vector_safe allowed
+        if e.exp == -1:
+            return fw.op(f"fdiv {FAST} {self.vt} {self.splat(fw.fconst(1.0))}, {base}")
+        total = base
+        for _ in range(int(e.exp) - 1):
+            total = fw.op(f"fmul {FAST} {self.vt} {total}, {base}")
+        return total
+
+
 def loop_order(outer, reduce_) -> list[str]:
     """Outer variables, then reductions; the last outer one goes innermost when it is the longer."""
     names_out, names_red = [v for v, _ in outer], [v for v, _ in reduce_]
     if len(outer) >= 2 and reduce_:
         last_out, last_red = outer[-1][1], reduce_[-1][1]
-        if isinstance(last_out, int) and isinstance(last_red, int) and last_out >= last_red:
+        batch_red = not isinstance(last_red, int)  # a sum over the batch (weight gradients): rows win
+        if isinstance(last_out, int) and (last_out >= 16 if batch_red else last_out >= last_red):
             return names_out[:-1] + names_red + names_out[-1:]
     return names_out + names_red
 
