@@ -101,3 +101,31 @@ def test_pad_and_batches():
     assert sorted(sum(first, [])) == list(range(5)) and [len(b) for b in first] == [2, 2, 1]
     assert first == [yb.tolist() for _, yb in batches(x, y, 2, seed=0, epoch=1)]
     assert first != [yb.tolist() for _, yb in batches(x, y, 2, seed=0, epoch=2)]
+
+
+def test_cifar10_python_batches(tmp_path):
+    import pickle
+
+    from cnncompile.data.cifar import load_cifar10
+    rng = np.random.default_rng(0)
+    raw = {}
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, 20).tolist()
+        raw[name] = (data, labels)
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+    splits = load_cifar10(tmp_path, validation=10)
+    assert splits["train"].images.shape == (90, 3, 32, 32) and splits["val"].images.shape == (10, 3, 32, 32)
+    assert splits["test"].images.dtype == np.float32 and len(splits["test"]) == 20
+    first = raw["data_batch_1"][0][0].reshape(3, 32, 32) / 255.0
+    from cnncompile.data.cifar import MEAN, STD
+    np.testing.assert_allclose(splits["train"].images[0], (first - MEAN) / STD, rtol=1e-5)
+    assert list(splits["val"].labels) == raw["data_batch_5"][1][10:]
+    (tmp_path / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="data_batch_3 is not a CIFAR-10 Python batch"):
+        load_cifar10(tmp_path)
+    (tmp_path / "test_batch").unlink()
+    (tmp_path / "data_batch_3").write_bytes((tmp_path / "data_batch_2").read_bytes())
+    with pytest.raises(FileNotFoundError, match="test_batch is missing"):
+        load_cifar10(tmp_path)

@@ -75,7 +75,8 @@ def test_llvm_matches_numpy_on_every_buffer(name):
             assert np.abs(got[tensor] - ref[tensor]).max() / scale < 1e-5, tensor
 
 
-def test_convolution_kernels_use_packed_fma_on_ymm():
+def test_convolution_kernels_use_packed_fma_on_ymm(monkeypatch):
+    monkeypatch.delenv("CNNCOMPILE_CHECK", raising=False)  # the production code, not the bounds-checked one
     build, shape = NETS["lenet"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="llvm")
     asm = model.source("asm")
