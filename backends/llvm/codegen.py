@@ -90,6 +90,10 @@ class ModuleWriter:
                                                                 self.prog):
                 vector, term_order = RegisterRow(self, fw, stage.out, term, out_index, shapes, ptr, row_order[-1],
                                                  dict(grid)[row_order[-1]], len(outer) - 1), row_order
+            elif accumulate and not self.checked and reduction_vectorizable(stage, term, out_index, outer, reduce_,
+                                                                            order, self.prog):
+                vector = ReductionRow(self, fw, stage.out, term, out_index, shapes, ptr, order[-1],
+                                      dict(grid)[order[-1]], len(outer), several=len(reduce_) > 1)
             self.nest(fw, grid, term_order, constraints, bool(outer),
                       lambda vals, term=term: self.statement(fw, stage, term, out_index, geo, vals, shapes, ptr,
                                                              accumulate), vector)
@@ -125,8 +129,13 @@ class ModuleWriter:
             v = order[k]
             lo = self.bound(fw, bounds[v][0], vals, lower=True)
             hi = self.bound(fw, bounds[v][1], vals, lower=False)
-            if vector is not None and k == len(order) - 1:
-                vector.innermost(vals, lo, hi)  # the output row, a few vectors at once
+            if vector is not None and k == len(order) - 1:  # the row, a few vectors at once
+                if k == vector.first_reduce:  # the row is the only reduction: accumulate it right here
+                    vector.begin()
+                    vector.innermost(vals, lo, hi)
+                    vector.end(vals)
+                else:
+                    vector.innermost(vals, lo, hi)
                 return
             if k == 0 and split:  # this thread's share of the outermost loop
                 n = extent_value(extents[v])
@@ -328,14 +337,32 @@ def vectorizable(stage, term, out_index, outer, reduce_, order, prog) -> bool:
         return False
     if out_index[-1] != Affine.var(v) or any(e.coeff(v) for e in out_index[:-1]):
         return False
+    return unit_stride_reads(term, v, prog) and vector_safe(term, {name for name, _ in outer + reduce_})
+
+
+def reduction_vectorizable(stage, term, out_index, outer, reduce_, order, prog) -> bool:
+    """The other way round: the innermost loop is a reduction variable ``r`` (4 to MAX_ROW long)
+    that the output does not depend on, every read free of ``r`` or unit-stride in it: then
+    vector partial sums over ``r`` can live across all the reduction loops and be added up
+    once per output element (a filter gradient over a feature-map row)."""
+    if stage.combine != "sum" or not reduce_ or not outer or stage.argmax:
+        return False
+    r, extent = order[-1], dict(reduce_).get(order[-1])
+    if extent is None or not isinstance(extent, int) or extent > MAX_ROW or extent < 4:
+        return False
+    if any(e.coeff(r) for e in out_index):
+        return False
+    return unit_stride_reads(term, r, prog) and vector_safe(term, {name for name, _ in outer + reduce_})
+
+
+def unit_stride_reads(term, v, prog) -> bool:
     for r in term.atoms(sympy.Indexed):
         if prog.tensors[tensor_of(r)].dtype != "float":
             return False
         index = [Affine.from_sympy(i) for i in r.indices]
         if any(e.coeff(v) for e in index[:-1]) or index[-1].coeff(v) not in (0, 1):
             return False
-    loop_vars = {name for name, _ in outer + reduce_}
-    return vector_safe(term, loop_vars)
+    return True
 
 
 def vector_safe(e, loop_vars) -> bool:
@@ -461,6 +488,31 @@ class RegisterRow:
         for _ in range(int(e.exp) - 1):
             total = fw.op(f"fmul {FAST} {self.vt} {total}, {base}")
         return total
+
+
+class ReductionRow(RegisterRow):
+    """Vector partial sums over the innermost reduction variable, kept across every reduction
+    loop and summed across lanes once per output element."""
+
+    def __init__(self, *args, several: bool):
+        super().__init__(*args)
+        if not several:  # no other reduction loop to unroll for independent chains
+            self.partials = 1
+            self.accs = self.accs[:1]
+
+    def end(self, vals) -> None:
+        fw = self.fw
+        total = None
+        for row in self.accs:  # fixed order: deterministic
+            for slot in row:
+                value = fw.op(f"load {self.vt}, ptr {slot}")
+                total = value if total is None else fw.op(f"fadd {FAST} {self.vt} {total}, {value}")
+        suffix = f"v{self.lanes}{'f32' if fw.ft == 'float' else 'f64'}"
+        fw.declares.add(f"declare {fw.ft} @llvm.vector.reduce.fadd.{suffix}({fw.ft}, {self.vt})")
+        scalar = fw.op(f"call {FAST} {fw.ft} @llvm.vector.reduce.fadd.{suffix}({fw.ft} {fw.fconst(0.0)}, "
+                       f"{self.vt} {total})")
+        _, p = self.w.address(fw, self.out, self.out_index, vals, self.shapes, self.ptr)
+        fw.raw(f"store {fw.ft} {fw.fbin('fadd', fw.op(f'load {fw.ft}, ptr {p}'), scalar)}, ptr {p}")
 
 
 def loop_order(outer, reduce_) -> list[str]:
