@@ -556,7 +556,7 @@ def out_of_range(body, grid, shapes) -> bool:
     return bool(read_ranges(body, grid, shapes))
 
 
-BARRIER_DECLARES = "declare void @llvm.x86.sse2.pause()"
+BARRIER_DECLARES = "declare void @llvm.x86.sse2.pause()\ndeclare i32 @sched_yield()"
 BARRIER = """define internal void @cc_barrier(ptr %bar, ptr %sense, i64 %nt) {
 entry:
   %single = icmp sle i64 %nt, 1
@@ -576,11 +576,17 @@ release:
   store atomic i32 %ns, ptr %shared release, align 4
   br label %done
 spin:
+  %spins = phi i64 [ 0, %arrive ], [ %next, %pause ], [ 0, %yield ]
   %cur = load atomic i32, ptr %shared acquire, align 4
   %same = icmp eq i32 %cur, %ns
   br i1 %same, label %done, label %pause
 pause:
   call void @llvm.x86.sse2.pause()
+  %next = add i64 %spins, 1
+  %long = icmp ugt i64 %next, 4000
+  br i1 %long, label %yield, label %spin
+yield:
+  %ignored = call i32 @sched_yield()
   br label %spin
 done:
   ret void
