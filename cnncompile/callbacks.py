@@ -167,3 +167,15 @@ class CSVLogger(Callback):
             if fresh:
                 writer.writeheader()
             writer.writerow(row)
+
+
+class CurvesPNG(Callback):
+    """Redraw the training curves (loss and accuracy, training and validation) to a PNG after
+    every epoch, so the picture is current while training runs."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+
+    def on_epoch_end(self, model, epoch, logs):
+        from .show import save_curves
+        save_curves(model.history, self.path)

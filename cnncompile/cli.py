@@ -77,6 +77,8 @@ def cmd_train(args) -> None:
     callbacks = list(spec.get("callbacks", []))
     if args.checkpoint:
         callbacks.append(cc.callbacks.ModelCheckpoint(args.checkpoint))
+    if args.curves:
+        callbacks.append(cc.callbacks.CurvesPNG(args.curves))
     started = time.perf_counter()
     model.fit(train, epochs=max(0, total - model.epoch), batch_size=batch_size, validation=data.get("val"),
               callbacks=callbacks, seed=args.seed, augment=spec.get("augment"))
@@ -183,6 +185,7 @@ def main(argv=None) -> None:
     train.add_argument("--limit", type=int, help="train on the first N examples only (a quick check)")
     train.add_argument("--checkpoint", help="save a checkpoint here after every epoch ({epoch} is filled in)")
     train.add_argument("--resume", help="continue from this checkpoint")
+    train.add_argument("--curves", metavar="PNG", help="draw the training curves here after every epoch")
     explain = command("explain", "print derived forward and backward formulas", cmd_explain)
     explain.add_argument("layer", nargs="?")
     explain.add_argument("--latex", action="store_true")

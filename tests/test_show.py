@@ -91,6 +91,21 @@ def test_curves_and_graph_pictures(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_fit_draws_its_curves_every_epoch(tmp_path):
+    model = lenet_model()
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((32, 1, 32, 32)).astype(np.float32), rng.integers(0, 10, 32)
+    drawn = []
+
+    class Watch(cc.callbacks.Callback):
+        def on_epoch_end(self, model_, epoch, logs):
+            drawn.append((tmp_path / "c.png").stat().st_mtime_ns)
+
+    model.fit((x, y), epochs=2, batch_size=16, validation=(x, y), verbose=False,
+              callbacks=[cc.callbacks.CurvesPNG(tmp_path / "c.png"), Watch()])
+    assert len(drawn) == 2 and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_cli_show_writes_pictures(tmp_path):
     from cnncompile.cli import main
     main(["show", str(EXAMPLES / "lenet5.py"), "--backend", "numpy", "--filters", str(tmp_path / "f.png"),
