@@ -360,7 +360,7 @@ def unit_stride_reads(term, v, prog) -> bool:
         if prog.tensors[tensor_of(r)].dtype != "float":
             return False
         index = [Affine.from_sympy(i) for i in r.indices]
-        if any(e.coeff(v) for e in index[:-1]) or index[-1].coeff(v) not in (0, 1):
+        if any(e.coeff(v) for e in index[:-1]) or index[-1].coeff(v) not in (0, 1, 2):
             return False
     return True
 
@@ -457,10 +457,27 @@ class RegisterRow:
         at = self.w.offset(self.fw, tensor, index, vals, self.shapes)
         return self.fw.op(f"getelementptr {self.fw.ft}, ptr {self.ptr[tensor]}, i64 {at}", "p")
 
+    def strided_load(self, tensor, index, vals, mask) -> str:
+        """Lanes k of ``tensor[..., 2·v + c]``: a masked load of 2W elements in which only the even
+        lanes are enabled (odd ones are never touched), then the even lanes picked out."""
+        fw, n = self.fw, self.lanes
+        wide = f"<{2 * n} x {fw.ft}>"
+        suffix = f"v{2 * n}{'f32' if fw.ft == 'float' else 'f64'}"
+        fw.declares.add(f"declare {wide} @llvm.masked.load.{suffix}.p0(ptr, i32, <{2 * n} x i1>, {wide})")
+        spread = ", ".join(f"i32 {k // 2 if k % 2 == 0 else n}" for k in range(2 * n))
+        mask2 = fw.op(f"shufflevector {self.mt} {mask}, {self.mt} zeroinitializer, <{2 * n} x i32> <{spread}>")
+        p = self.address(tensor, index, vals)
+        loaded = fw.op(f"call {wide} @llvm.masked.load.{suffix}.p0(ptr {p}, i32 {self.align}, <{2 * n} x i1> {mask2}, "
+                       f"{wide} zeroinitializer)")
+        evens = ", ".join(f"i32 {2 * k}" for k in range(n))
+        return fw.op(f"shufflevector {wide} {loaded}, {wide} poison, <{n} x i32> <{evens}>")
+
     def emit(self, e, vals, mask) -> str:
         fw = self.fw
         if isinstance(e, sympy.Indexed):
             index = [Affine.from_sympy(i) for i in e.indices]
+            if index[-1].coeff(self.v) == 2:  # stride 2: every other element of a double-width load
+                return self.strided_load(tensor_of(e), index, vals, mask)
             if index[-1].coeff(self.v):
                 p = self.address(tensor_of(e), index, vals)
                 return fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {mask}, "
