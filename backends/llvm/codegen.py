@@ -92,8 +92,13 @@ class ModuleWriter:
                                                  dict(grid)[row_order[-1]], len(outer) - 1), row_order
             elif accumulate and not self.checked and reduction_vectorizable(stage, term, out_index, outer, reduce_,
                                                                             order, self.prog):
-                vector = ReductionRow(self, fw, stage.out, term, out_index, shapes, ptr, order[-1],
-                                      dict(grid)[order[-1]], len(outer), several=len(reduce_) > 1)
+                args = (self, fw, stage.out, term, out_index, shapes, ptr, order[-1], dict(grid)[order[-1]])
+                tile = row_tile(stage, term, outer, reduce_, order[-1], constraints, self.prog)
+                if tile is not None:  # the tile variable leaves the loop nest
+                    term_order = [o for o in order if o != tile[0]]
+                    vector = TiledReductionRow(*args, len(outer) - 1, tile=tile)
+                else:
+                    vector = ReductionRow(*args, len(outer), several=len(reduce_) > 1)
             self.nest(fw, grid, term_order, constraints, bool(outer),
                       lambda vals, term=term: self.statement(fw, stage, term, out_index, geo, vals, shapes, ptr,
                                                              accumulate), vector)
@@ -127,16 +132,20 @@ class ModuleWriter:
                 statement(vals)
                 return
             v = order[k]
-            lo = self.bound(fw, bounds[v][0], vals, lower=True)
-            hi = self.bound(fw, bounds[v][1], vals, lower=False)
             if vector is not None and k == len(order) - 1:  # the row, a few vectors at once
+                def row_bounds():  # evaluated where the row is (a tiled row sets its own variable first)
+                    return (self.bound(fw, bounds[v][0], vals, lower=True),
+                            self.bound(fw, bounds[v][1], vals, lower=False))
+
                 if k == vector.first_reduce:  # the row is the only reduction: accumulate it right here
                     vector.begin()
-                    vector.innermost(vals, lo, hi)
+                    vector.innermost(vals, row_bounds)
                     vector.end(vals)
                 else:
-                    vector.innermost(vals, lo, hi)
+                    vector.innermost(vals, row_bounds)
                 return
+            lo = self.bound(fw, bounds[v][0], vals, lower=True)
+            hi = self.bound(fw, bounds[v][1], vals, lower=False)
             if k == 0 and split:  # this thread's share of the outermost loop
                 n = extent_value(extents[v])
                 start = fw.op(f"sdiv i64 {fw.imul(n, '%tid')}, %nt")
@@ -425,9 +434,13 @@ class RegisterRow:
         le = fw.op(f"icmp sle <{self.lanes} x i64> {index}, {self.splat(hi, 'i64')}")
         return fw.op(f"and {self.mt} {ge}, {le}")
 
-    def innermost(self, vals, lo: str, hi: str) -> None:
+    def innermost(self, vals, row_bounds) -> None:
+        self.accumulate_row(vals, row_bounds(), self.accs[self.partial])
+
+    def accumulate_row(self, vals, bounds, accs) -> None:
         fw = self.fw
-        for c, slot in enumerate(self.accs[self.partial]):
+        lo, hi = bounds
+        for c, slot in enumerate(accs):
             mask = self.lane_mask(c, lo, hi)
             if self.valid is not None:  # an unrolled copy past the loop's end adds nothing
                 mask = fw.op(f"and {self.mt} {mask}, {self.splat(self.valid, 'i1')}")
@@ -530,6 +543,61 @@ class ReductionRow(RegisterRow):
                        f"{self.vt} {total})")
         _, p = self.w.address(fw, self.out, self.out_index, vals, self.shapes, self.ptr)
         fw.raw(f"store {fw.ft} {fw.fbin('fadd', fw.op(f'load {fw.ft}, ptr {p}'), scalar)}, ptr {p}")
+
+
+def row_tile(stage, term, outer, reduce_, r, constraints, prog):
+    """An output variable to unroll beside a reduction row (a filter gradient's kernel column):
+    not the threads' variable, at most 8 long, every read that is broadcast free of it (so one
+    load serves every tile), and every constraint on it also on the row variable (so it only
+    moves the row's bounds). Returns (variable, extent) or None."""
+    if len(outer) < 2:
+        return None
+    u, extent = outer[-1]
+    if not isinstance(extent, int) or not 2 <= extent <= 8:
+        return None
+    for read_ in term.atoms(sympy.Indexed):
+        index = [Affine.from_sympy(i) for i in read_.indices]
+        if not index[-1].coeff(r) and any(e.coeff(u) for e in index):
+            return None
+    if any(c.expr.coeff(u) and not c.expr.coeff(r) for c in constraints):
+        return None
+    return u, extent
+
+
+class TiledReductionRow(ReductionRow):
+    """A reduction row for each value of a small output variable at once: the broadcast reads
+    are loaded once for all of them (fewer loads per FMA) and the rows are independent chains."""
+
+    def __init__(self, *args, tile):
+        super().__init__(*args, several=False)
+        self.tile_var, self.tile_extent = tile
+        self.tiles = [self.accs[0]]
+        for _ in range(self.tile_extent - 1):
+            row = []
+            for _ in range(self.chunks):
+                slot = self.fw.fresh("acc")
+                self.fw.allocas.append(f"  {slot} = alloca {self.vt}")
+                row.append(slot)
+            self.tiles.append(row)
+
+    def begin(self) -> None:
+        for row in self.tiles:
+            for slot in row:
+                self.fw.raw(f"store {self.vt} zeroinitializer, ptr {slot}")
+
+    def innermost(self, vals, row_bounds) -> None:
+        for t, accs in enumerate(self.tiles):
+            vals[self.tile_var] = str(t)
+            self.accumulate_row(vals, row_bounds(), accs)
+            vals.pop(self.tile_var, None)
+
+    def end(self, vals) -> None:
+        for t, accs in enumerate(self.tiles):
+            vals[self.tile_var] = str(t)
+            self.accs = [accs]
+            super().end(vals)
+            del vals[self.tile_var]
+        self.accs = [self.tiles[0]]
 
 
 def loop_order(outer, reduce_) -> list[str]:
