@@ -36,6 +36,12 @@ NETS = {
     "strided": (lambda: nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=3, padding=2, dilation=2), nn.LeakyReLU(0.2),
                                       nn.Conv2d(3, 5, 2, stride=2, dilation=2), nn.Flatten(), nn.Linear(20, 5)), (2, 13, 11)),
     "residual": (Residual, (3, 11, 10)),
+    # rows of 20 and 18 floats: three vectors each, lanes past the end, under sums that are not 0
+    # there ((X − μ)² in the batch variance)
+    # (no bias before a batch norm: its true gradient is 0, both backends' values float noise)
+    "batchnorm": (lambda: nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                                        nn.Conv2d(3, 2, (8, 3), bias=False),
+                                        nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 11 * 18, 5)), (1, 20, 22)),
 }
 
 

@@ -386,6 +386,21 @@ def vector_safe(e, loop_vars) -> bool:
     return False
 
 
+def zero_when_masked(e, v) -> bool:
+    """Is the term 0 on lanes whose row loads were masked off (they read as 0)? True for a product
+    with a row read among its factors, and sums of such; False for (X − μ)², where a masked lane
+    would add μ² and so needs an explicit select."""
+    if isinstance(e, sympy.Indexed):
+        return bool(Affine.from_sympy(e.indices[-1]).coeff(v))
+    if isinstance(e, sympy.Mul):
+        return any(zero_when_masked(a, v) for a in e.args)
+    if isinstance(e, sympy.Add):
+        return all(zero_when_masked(a, v) for a in e.args)
+    if isinstance(e, sympy.Pow) and e.exp.is_Integer and e.exp > 0:
+        return zero_when_masked(e.base, v)
+    return False
+
+
 class RegisterRow:
     """Output-stationary schedule for one term: ``out[..., v0:v0+L]`` accumulates in ⌈L/W⌉ vector
     registers while the reduction loops run; reads free of ``v`` are broadcast, the others are
@@ -406,6 +421,7 @@ class RegisterRow:
         fw.declares.add(f"declare void {self.store_fn}({self.vt}, ptr, i32, {self.mt})")
         self.partials = {1: 4, 2: 2}.get(self.chunks, 1)  # independent FMA chains per output vector
         self.partial, self.valid = 0, None
+        self.zero_outside = zero_when_masked(term, v)
         self.accs = []
         for _ in range(self.partials):
             row = []
@@ -446,7 +462,7 @@ class RegisterRow:
                 mask = fw.op(f"and {self.mt} {mask}, {self.splat(self.valid, 'i1')}")
             vals[self.v] = str(c * self.lanes)
             value = self.emit(self.term, vals, mask)
-            if self.valid is not None:
+            if self.valid is not None or not self.zero_outside:  # lanes outside the row add nothing
                 value = fw.op(f"select {self.mt} {mask}, {self.vt} {value}, {self.vt} zeroinitializer")
             total = fw.op(f"fadd {FAST} {self.vt} {fw.op(f'load {self.vt}, ptr {slot}')}, {value}")
             fw.raw(f"store {self.vt} {total}, ptr {slot}")
