@@ -129,6 +129,8 @@ class Model:
         so a run is reproducible and a resumed run draws what the uninterrupted one would."""
         if draw is None:
             draw, self.noise_draws = self.noise_draws, self.noise_draws + 1
+        if not self.prog.noise:
+            return {}
         rng = np.random.default_rng([self.noise_seed, draw])
         masks = {}
         for name, p in self.prog.noise.items():

@@ -162,7 +162,6 @@ class Compiled:
                     objects[j] = compile_part(parts[j])
                     eng.add_object_file(llvm.ObjectFileRef.from_data(objects[j]))
             eng.finalize_object()
-        self.object_code = b"".join(objects)
         self.parts = parts
 
     def address(self, name: str) -> int:
