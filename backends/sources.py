@@ -5,7 +5,7 @@ import numpy as np
 import sympy
 
 from cnncompile.ir.errors import CompileError
-from .residue import residue_classes
+from cnncompile.ir.residue import residue_classes
 
 
 def render(prog, kind: str, dtype, compiled=None) -> str:

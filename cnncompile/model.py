@@ -254,6 +254,14 @@ class Model:
             return outs[0]
         return dict(zip(keys, outs)) if isinstance(keys[0], str) else tuple(outs)
 
+    def memory_report(self, batch_size: int) -> dict:
+        """Bytes held for a batch size: parameters and optimizer/running state, and the working
+        tensors of the buffer plan (activations, gradients) as laid out (shared where lifetimes
+        allow, on the LLVM backend) and as they would be each in its own memory."""
+        plan = self.executable.plan(batch_size)
+        return {"state_bytes": sum(a.nbytes for a in self.executable.state.values()),
+                "work_bytes": plan.arena_bytes, "work_bytes_unshared": plan.unshared_bytes}
+
     def __repr__(self):
         return (f"<cnncompile model: {len(self.prog.params)} parameter tensors, backend={self.executable.name}, "
                 f"optimizer={self.optimizer!r}>")

@@ -103,7 +103,8 @@ def top_patches(model, layer: str, channel: int, images: np.ndarray, top: int = 
     x = np.asarray(images, np.float32)
     acts = []
     for start in range(0, len(x), 256):
-        env = model.executable.run("predict", len(x[start:start + 256]), {"input": x[start:start + 256]})
+        env = model.executable.run("predict", len(x[start:start + 256]), {"input": x[start:start + 256]},
+                                     share=False)  # intermediate activations stay readable
         acts.append(env[node.output][:, channel].copy())
     acts = np.concatenate(acts)
     order = np.argsort(acts.reshape(-1))[::-1][:top]

@@ -1,6 +1,7 @@
 """The LLVM backend against the NumPy reference, with every buffer poisoned first, and the
 properties of the generated code: packed FMA, determinism, cache robustness, validation."""
 import os
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,8 @@ from cnncompile import nn
 from cnncompile.backends.llvm import jit
 from cnncompile.backends.llvm.program import LLVMExecutable
 from cnncompile.backends.numpy.program import NumpyExecutable
+
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples"
 
 
 class Residual(nn.Module):
@@ -45,8 +48,8 @@ NETS = {
 }
 
 
-def poison(executable, batch):
-    env = executable.bind(batch)[0]
+def poison(executable, batch, share=False):
+    env = executable.bind(batch, share)[0]
     for name, spec in executable.prog.tensors.items():
         if spec.role not in ("param", "buffer", "state", "input", "label"):
             env[name][...] = -987654321 if spec.dtype == "int" else np.nan
@@ -68,7 +71,7 @@ def test_llvm_matches_numpy_on_every_buffer(name):
     results = []
     for ex in (model.executable, llvm):
         poison(ex, 5)
-        results.append(ex.run("grads", 5, feeds))
+        results.append(ex.run("grads", 5, feeds, share=False))
     ref, got = results
     for tensor, spec in model.prog.tensors.items():
         if spec.role in ("param", "state"):
@@ -81,16 +84,65 @@ def test_llvm_matches_numpy_on_every_buffer(name):
             assert np.abs(got[tensor] - ref[tensor]).max() / scale < 1e-5, tensor
 
 
+@pytest.mark.parametrize("name", list(NETS))
+def test_shared_activation_memory_gives_the_same_step_as_separate_buffers(name):
+    """Train steps with the buffer plan's shared arena against every tensor in its own memory:
+    the same loss, outputs and parameters, bit for bit; and the arena is smaller."""
+    build, shape = NETS[name]
+    model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="llvm", seed=2,
+                       optimizer=cc.optim.SGD(lr=0.1, momentum=0.9))
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, *shape)).astype(np.float32)
+    y = rng.integers(0, 5, 5)
+    _, feeds = model._feeds(x, y)
+    start = {k: v.copy() for k, v in model.executable.state.items()}
+    ends = []
+    for share in (True, False):
+        for k, v in start.items():
+            model.executable.state[k][...] = v
+        poison(model.executable, 5, share)
+        losses = [float(model.executable.run("train", 5, feeds, model.optimizer.scalars(k + 1),
+                                             share=share)["loss.out"][0]) for k in range(3)]
+        out = model.executable.run("predict", 5, {"input": x}, share=share)[model.prog.outputs[0]].copy()
+        ends.append((losses, out, {k: v.copy() for k, v in model.executable.state.items()}))
+    (l1, o1, s1), (l2, o2, s2) = ends
+    assert l1 == l2
+    np.testing.assert_array_equal(o1, o2)
+    for k in s1:
+        np.testing.assert_array_equal(s1[k], s2[k], err_msg=k)
+    plan = model.executable.plan(5)
+    assert plan.arena_bytes < plan.unshared_bytes
+    report = model.memory_report(5)
+    assert (report["work_bytes"], report["work_bytes_unshared"]) == (plan.arena_bytes, plan.unshared_bytes)
+
+
+def test_buffer_plan_never_overlaps_live_tensors():
+    from cnncompile.ir.buffers import overlap, plan_buffers
+    spec = runpy.run_path(str(EXAMPLES / "resnet20.py"))
+    model = cc.compile(spec["net"], spec["input_shape"], loss=spec["loss"], optimizer=spec["optimizer"],
+                       backend="numpy")
+    plan = plan_buffers(model.prog, 32)
+    items = list(plan.placements.items())
+    for k, (a, pa) in enumerate(items):
+        assert pa.offset % 64 == 0
+        for b, pb in items[k + 1:]:
+            if overlap(pa.spans, pb.spans):  # alive together in some phase: disjoint bytes
+                assert pa.offset + pa.nbytes <= pb.offset or pb.offset + pb.nbytes <= pa.offset, (a, b)
+    assert plan.arena_bytes < 0.7 * plan.unshared_bytes
+
+
 def test_convolution_kernels_use_packed_fma_on_ymm(monkeypatch):
     monkeypatch.delenv("CNNCOMPILE_CHECK", raising=False)  # the production code, not the bounds-checked one
     build, shape = NETS["lenet"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="llvm")
-    asm = model.source("asm")
-    writer_stages = model.prog.forward + model.prog.loss + model.prog.backward + model.prog.update
-    conv = [k for k, s in enumerate(writer_stages) if s.note == "convolution"]
+    asm, ir = model.source("asm"), model.source("llvm")
+    stages = model.prog.all_stages()
+    conv = [k for k, s in enumerate(stages) if s.note == "convolution"]
     assert conv
-    for k in conv:
-        body = asm.split(f"_stage{k}:")[1].split(".Lfunc_end")[0]
+    for k in conv:  # the function that the driver running this stage alone calls
+        driver = ir.split(f"_only{k}(")[1].split("\n}")[0]
+        callee = driver.split("call void @")[1].split("(")[0]
+        body = asm.split(f"{callee}:")[1].split(".Lfunc_end")[0]
         assert any("vfmadd" in line and "ps" in line and "ymm" in line for line in body.splitlines()), k
 
 

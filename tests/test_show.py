@@ -67,7 +67,7 @@ def test_top_patches_are_the_receptive_fields_of_the_strongest_activations(tmp_p
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 1, (40, 1, 32, 32)).astype(np.float32)
     found = show.top_patches(model, "3", channel=2, images=images, top=5)
-    activations = model.executable.run("predict", 40, {"input": images})["3.out"][:, 2]
+    activations = model.executable.run("predict", 40, {"input": images}, share=False)["3.out"][:, 2]
     assert found[0][0] == pytest.approx(float(activations.max()))
     assert [f[0] for f in found] == sorted([f[0] for f in found], reverse=True)
     for value, b, r, c, patch in found:

@@ -60,7 +60,7 @@ def test_bounds_check_reports_an_out_of_range_write(monkeypatch):
     with pytest.raises(IndexError, match=r"stage 0 writing 'out' \(forward of layer 'broken'\) touched out at "
                                          r"flat offset 5, outside its shape \(5,\)"):
         exe.run("predict", 1, {})
-    np.testing.assert_array_equal(exe.bound[1][0]["out"][1:], [0, 2, 4, 6])
+    np.testing.assert_array_equal(exe.bound[(1, True)][0]["out"][1:], [0, 2, 4, 6])
 
 
 def test_checked_mode_runs_a_real_network_clean(monkeypatch):

@@ -16,21 +16,20 @@ from fractions import Fraction
 
 import sympy
 
-from cnncompile.ir.affine import Affine, Box
-from cnncompile.ir.expr import PHASES, Program, Stage, tensor_of
-from ..residue import residue_classes, substitute
+from cnncompile.ir.affine import Affine
+from cnncompile.ir.expr import PHASES, Program, tensor_of
+from cnncompile.ir.loops import BATCH_LAST, ClassNest, fm_bounds, shapes_of, stage_tensors
+from cnncompile.ir.schedule import Kernel, kernels, single
 from .emit import FAST, BodyWriter, FunctionWriter
 
 
-
-def dims(shape) -> list:
-    return [d if isinstance(d, int) else "B" for d in shape]
-
-
 class ModuleWriter:
-    def __init__(self, prog: Program, ftype: str, prefix: str, checked: bool = False):
+    def __init__(self, prog: Program, ftype: str, prefix: str, checked: bool = False, fuse: bool = True):
         self.prog, self.ft, self.prefix, self.checked = prog, ftype, prefix, checked
         self.current_stage = 0
+        self.fuse = fuse
+        self.steps: dict[str, dict] = {}  # phase → stage (by id) → index of the kernel that runs it
+        self.stage_index = {id(s): k for k, s in enumerate(prog.all_stages())}
         self.tensor_ids = {name: k for k, name in enumerate(prog.tensors)}
         self.scalar_names = sorted({s.name for st in self.all_stages() for s in st.body.free_symbols
                                     if not s.is_integer} - {"B"})
@@ -42,92 +41,82 @@ class ModuleWriter:
     def all_stages(self):
         return self.prog.all_stages()
 
-    # ----- one stage ----------------------------------------------------------------------------
-    def stage_function(self, k: int, stage: Stage) -> tuple[str, list[str]]:
-        self.current_stage = k
-        tensors = sorted({tensor_of(r) for r in stage.body.atoms(sympy.Indexed)} | {stage.out} | set(stage.argmax))
+    # ----- one kernel ----------------------------------------------------------------------------
+    def kernel_function(self, kernel: Kernel) -> tuple[str, list[str]]:
+        """A kernel's nests as one function (its main stage and the epilogue stages fused into it)."""
+        self.current_stage = self.stage_index[id(kernel.main)]
+        tensors = sorted(set().union(*(stage_tensors(s) for s in kernel.stages)))
         fw = FunctionWriter(self.ft)
-        for geo in residue_classes(stage):
-            self.class_nest(fw, stage, geo, tensors)
+        for nest, templates in zip(kernel.nests, kernel.templates):
+            self.class_nest(fw, nest, templates, tensors, kernel.epilogue)
         self.declares |= fw.declares
         params = ", ".join(f"ptr noalias %a{j}" for j in range(len(tensors)))
         body = (f"({params}, ptr noalias %scalars, i64 %B, i64 %tid, i64 %nt) {{\n"
                 f"entry:\n  %Bm1 = sub i64 %B, 1\n" + "\n".join(fw.allocas) + "\n" + "\n".join(fw.lines)
                 + "\n  ret void\n}\n")
-        if body in self.bodies:  # the same loops over other buffers (repeated blocks): compile once
+        if body in self.bodies:  # the same loops over other buffers (repeated blocks, phases): compile once
             return self.bodies[body], tensors
-        name = f"@{self.prefix}_stage{k}"
+        name = f"@{self.prefix}_stage{len(self.bodies)}"
         self.bodies[body] = name
         self.signatures[name] = f"declare void {name}({', '.join(['ptr'] * (len(tensors) + 1))}, i64, i64, i64)"
         self.functions.append(f"define internal void {name}" + body)
         return name, tensors
 
-    def class_nest(self, fw: FunctionWriter, stage: Stage, geo, tensors) -> None:
-        grid = list(geo.grid)
-        outer, reduce_ = grid[: geo.n_outer], grid[geo.n_outer:]
-        out_index = [e.subs(geo.subst) for e in stage.out_index]
-        identity = {"sum": 0.0, "max": float("-inf")}.get(stage.combine)
-        body = substitute(stage.body, geo.subst) if not geo.empty else sympy.S.Zero
-        shapes = {t: dims(self.prog.tensors[t].shape) for t in tensors}
+    def class_nest(self, fw: FunctionWriter, nest: ClassNest, templates, tensors, epilogue) -> None:
+        stage, outer = nest.stage, nest.outer
+        shapes = shapes_of(self.prog, tensors)
         ptr = {t: f"%a{j}" for j, t in enumerate(tensors)}
-        order = loop_order(outer, reduce_)
-        terms = sympy.Add.make_args(body) if (stage.combine != "max" and body.is_Add
-                                              and out_of_range(body, grid, shapes)) else (body,)
-        needs_init = not stage.accumulate and (bool(reduce_) or len(terms) > 1 or geo.empty
-                                                or any(set(c.expr.vars) <= {v for v, _ in outer}
-                                                       for c in geo.constraints))
-        if needs_init:
+        if nest.needs_init and not (nest.terms and all(t.fresh for t in templates)):
             self.nest(fw, outer, [o for o, _ in outer], [], bool(outer),
-                      lambda vals: self.store(fw, stage.out, out_index, vals, shapes, ptr, fw.fconst(identity or 0.0)))
-        if geo.empty:
+                      lambda vals: self.store(fw, stage.out, nest.out_index, vals, shapes, ptr,
+                                              fw.fconst(nest.identity)))
+        if nest.empty:
             return
-        for term in terms:
-            constraints = list(geo.constraints) + read_ranges(term, grid, shapes)
-            accumulate = stage.accumulate or needs_init
-            vector, term_order = None, order
-            row_order = [o for o, _ in outer[:-1]] + [r for r, _ in reduce_] + [outer[-1][0]] if outer else order
-            if accumulate and not self.checked and vectorizable(stage, term, out_index, outer, reduce_, row_order,
-                                                                self.prog):
-                vector, term_order = RegisterRow(self, fw, stage.out, term, out_index, shapes, ptr, row_order[-1],
-                                                 dict(grid)[row_order[-1]], len(outer) - 1), row_order
-            elif accumulate and not self.checked and reduction_vectorizable(stage, term, out_index, outer, reduce_,
-                                                                            order, self.prog):
-                args = (self, fw, stage.out, term, out_index, shapes, ptr, order[-1], dict(grid)[order[-1]])
-                tile = row_tile(stage, term, outer, reduce_, order[-1], constraints, self.prog)
-                if tile is not None:  # the tile variable leaves the loop nest
-                    term_order = [o for o in order if o != tile[0]]
-                    vector = TiledReductionRow(*args, len(outer) - 1, tile=tile)
-                else:
-                    vector = ReductionRow(*args, len(outer), several=len(reduce_) > 1)
-            self.nest(fw, grid, term_order, constraints, bool(outer),
-                      lambda vals, term=term: self.statement(fw, stage, term, out_index, geo, vals, shapes, ptr,
-                                                             accumulate), vector)
+        for term, tpl in zip(nest.terms, templates):
+            args = (self, fw, stage.out, term.term, nest.out_index, shapes, ptr, tpl.row, tpl.extent, tpl.first_reduce)
+            vector = {"row": lambda: RegisterRow(*args, fresh=tpl.fresh, epilogue=epilogue),
+                      "reduction_row": lambda: ReductionRow(*args, several=tpl.several, epilogue=epilogue),
+                      "tiled_reduction_row": lambda: TiledReductionRow(*args, tile=tpl.tile, epilogue=epilogue),
+                      "scalar": lambda: None}[tpl.kind]()
+            finish = None
+            if vector is None and epilogue:  # plain loops: the epilogue once the reductions are done
+                finish = (nest.n_outer, lambda vals: self.scalar_epilogue(fw, stage.out, nest.out_index, vals, shapes,
+                                                                          ptr, epilogue))
+            self.nest(fw, nest.grid, list(tpl.order), term.constraints, bool(outer),
+                      lambda vals, term=term, tpl=tpl: self.statement(fw, stage, term.term, nest.out_index, nest,
+                                                                      vals, shapes, ptr, tpl.accumulate), vector,
+                      finish)
 
-    def nest(self, fw, grid, order, constraints, split: bool, statement, vector=None) -> None:
+    def scalar_epilogue(self, fw, out, out_index, vals, shapes, ptr, epilogue, value=None) -> None:
+        """The epilogue stages at one output point, on the main's finished value (loaded back
+        when not given: it was just stored, so it is in L1)."""
+        if value is None:
+            _, p = self.address(fw, out, out_index, vals, shapes, ptr)
+            value = fw.op(f"load {self.ft}, ptr {p}")
+        made = {out: value}
+        for stage, body in epilogue:
+            writer = self.body_writer(fw, vals, shapes, ptr, made)
+            made[stage.out] = writer.as_float(writer.emit(body))
+            self.store(fw, stage.out, out_index, vals, shapes, ptr, made[stage.out])
+
+    def nest(self, fw, grid, order, constraints, split: bool, statement, vector=None, finish=None) -> None:
         """Loops in ``order`` with Fourier–Motzkin bounds; the first loop (an output variable) is
-        split over the threads; without output variables thread 0 runs the whole nest."""
+        split over the threads; without output variables thread 0 runs the whole nest.
+        ``finish = (level, emit)``: ``emit`` runs at that loop level after the loops inside it."""
         extents = dict(grid)
-        bounds = {v: ([(Affine.constant(0), 1)], [(extent_minus_one(extents[v]), 1)]) for v in order}
-        position = {v: k for k, v in enumerate(order)}
-        for c in constraints:
-            present = [v for v in order if c.expr.coeff(v) != 0]
-            if not present:
-                if not c.lo <= c.expr.const <= c.hi:
-                    return  # never true: no iteration at all
-                continue
-            v = max(present, key=position.get)
-            a = c.expr.coeff(v)
-            rest = c.expr - Affine.make({v: a})
-            lo_num, hi_num = rest.scale(-1) + c.lo, rest.scale(-1) + c.hi
-            scale = lo_num.denominator_lcm() * hi_num.denominator_lcm() * a.denominator
-            lo_num, hi_num, div = lo_num.scale(scale), hi_num.scale(scale), int(a * scale)
-            if div < 0:
-                lo_num, hi_num, div = hi_num.scale(-1), lo_num.scale(-1), -div
-            bounds[v][0].append((lo_num, div))
-            bounds[v][1].append((hi_num, div))
+        bounds = fm_bounds(order, grid, constraints)
+        if bounds is None:
+            return  # never true: no iteration at all
         vals: dict = {}
 
         def level(k: int) -> None:
+            if finish is not None and k == finish[0]:
+                inside(k)
+                finish[1](vals)
+            else:
+                inside(k)
+
+        def inside(k: int) -> None:
             if k == len(order):
                 statement(vals)
                 return
@@ -198,7 +187,7 @@ class ModuleWriter:
     def bound(self, fw, items, vals, lower: bool):
         result = None
         for num, div in items:
-            value = fw.affine(num, vals) if isinstance(num, Affine) else num
+            value = fw.affine(num, vals) if isinstance(num, Affine) else {BATCH_LAST: "%Bm1"}[num]
             value = fw.ceildiv(value, div) if lower else fw.floordiv(value, div)
             result = value if result is None else (fw.smax if lower else fw.smin)(result, value)
         return result
@@ -243,8 +232,11 @@ class ModuleWriter:
         elem, p = self.address(fw, tensor, index, vals, shapes, ptr)
         fw.raw(f"store {elem} {value}, ptr {p}")
 
-    def statement(self, fw, stage, term, out_index, geo, vals, shapes, ptr, accumulate) -> None:
+    def body_writer(self, fw, vals, shapes, ptr, made=None) -> BodyWriter:
+        """Scalar code for a body at the point ``vals``; reads of tensors in ``made`` are those values."""
         def load_read(r):
+            if made and tensor_of(r) in made:
+                return made[tensor_of(r)], "f"
             index = [Affine.from_sympy(i) for i in r.indices]
             elem, p = self.address(fw, tensor_of(r), index, vals, shapes, ptr)
             return fw.op(f"load {elem}, ptr {p}"), ("i" if elem == "i64" else "f")
@@ -258,7 +250,10 @@ class ModuleWriter:
             value = fw.op(f"load double, ptr {slot}")
             return (value if self.ft == "double" else fw.op(f"fptrunc double {value} to float")), "f"
 
-        writer = BodyWriter(fw, load_read, symbol)
+        return BodyWriter(fw, load_read, symbol)
+
+    def statement(self, fw, stage, term, out_index, nest, vals, shapes, ptr, accumulate) -> None:
+        writer = self.body_writer(fw, vals, shapes, ptr)
         value = writer.as_float(writer.emit(term))
         _, p = self.address(fw, stage.out, out_index, vals, shapes, ptr)
         if stage.combine == "max":
@@ -271,7 +266,7 @@ class ModuleWriter:
             for (r, _), name in zip(stage.reduce, stage.argmax):
                 _, ap = self.address(fw, name, out_index, vals, shapes, ptr)
                 old = fw.op(f"load i64, ptr {ap}")
-                fw.raw(f"store i64 {fw.op(f'select i1 {take}, i64 {fw.affine(geo.subst[r], vals)}, i64 {old}')}, "
+                fw.raw(f"store i64 {fw.op(f'select i1 {take}, i64 {fw.affine(nest.subst[r], vals)}, i64 {old}')}, "
                        f"ptr {ap}")
             return
         if accumulate:
@@ -287,11 +282,10 @@ class ModuleWriter:
         """The program as ``n`` modules of about equal size, so that LLVM can optimize them on
         separate threads: the drivers and the barrier in the first, stage functions spread over
         all (exported where split, and declared where the drivers call them)."""
-        stage_fns = {}
-        for part in ("forward", "loss", "backward", "update"):
-            for k, stage in enumerate(getattr(self.prog, part)):
-                stage_fns[(part, k)] = self.stage_function(len(stage_fns), stage)
-        drivers = [self.driver(phase, [stage_fns[key] for key in keys]) for phase, keys in self.phase_stages(stage_fns)]
+        drivers = []
+        for phase, plan in self.phase_kernels():
+            drivers.append(self.driver(phase, [self.kernel_function(kernel) for kernel in plan]))
+            self.steps[phase] = {id(s): step for step, kernel in enumerate(plan) for s in kernel.stages}
         head = "\n".join(sorted(self.declares | {BARRIER_DECLARES}))
         if n <= 1:
             return [head + "\n\n" + BARRIER + "\n" + "\n".join(self.functions) + "\n" + "\n".join(drivers)]
@@ -305,12 +299,13 @@ class ModuleWriter:
         first = [head, BARRIER, *elsewhere, *bins[0], *drivers]
         return ["\n".join(first)] + ["\n".join([head, *b]) for b in bins[1:] if b]
 
-    def phase_stages(self, stage_fns):
-        """Each phase's stages in order, and one single-stage driver per stage (for profiling)."""
+    def phase_kernels(self):
+        """Each phase's kernels in order, and a driver per stage on its own (the NaN guard's
+        replay, profiles)."""
         for phase in PHASES:
-            yield phase, [(part, k) for part, k, _ in self.prog.phase_stages(phase)]
-        for n, key in enumerate(stage_fns):
-            yield f"only{n}", [key]
+            yield phase, kernels(self.prog, phase, self.checked, self.fuse)
+        for n, stage in enumerate(self.all_stages()):
+            yield f"only{n}", [single(stage, self.prog, self.checked)]
 
     def driver(self, phase: str, calls) -> str:
         lines = ["entry:", "  %sense = alloca i32", "  %shared = getelementptr inbounds i32, ptr %bar, i64 1",
@@ -328,62 +323,6 @@ class ModuleWriter:
         lines.append("  ret void")
         return (f"define void @{self.prefix}_{phase}(ptr %bufs, ptr %scalars, i64 %B, i64 %tid, i64 %nt, ptr %bar) "
                 "{\n" + "\n".join(lines) + "\n}\n")
-
-
-MAX_ROW = 64  # longest output row held in registers (8 ymm accumulators for float)
-
-
-def vectorizable(stage, term, out_index, outer, reduce_, order, prog) -> bool:
-    """Can the innermost output variable run as a row of vector accumulators kept in registers
-    across the reduction loops (output-stationary)? Needs: a sum with reductions, the innermost
-    loop an output variable that is the output's last index (unit stride) and at most MAX_ROW
-    long, every read either free of it or unit-stride in it on its last index, float reads only,
-    and a body of +, ×, constants and runtime scalars."""
-    if stage.combine != "sum" or not reduce_ or len(outer) < 2 or stage.argmax:
-        return False
-    v, extent = order[-1], dict(outer).get(order[-1])
-    if extent is None or not isinstance(extent, int) or extent > MAX_ROW or extent < 4:
-        return False
-    if out_index[-1] != Affine.var(v) or any(e.coeff(v) for e in out_index[:-1]):
-        return False
-    return unit_stride_reads(term, v, prog) and vector_safe(term, {name for name, _ in outer + reduce_})
-
-
-def reduction_vectorizable(stage, term, out_index, outer, reduce_, order, prog) -> bool:
-    """The other way round: the innermost loop is a reduction variable ``r`` (4 to MAX_ROW long)
-    that the output does not depend on, every read free of ``r`` or unit-stride in it: then
-    vector partial sums over ``r`` can live across all the reduction loops and be added up
-    once per output element (a filter gradient over a feature-map row)."""
-    if stage.combine != "sum" or not reduce_ or not outer or stage.argmax:
-        return False
-    r, extent = order[-1], dict(reduce_).get(order[-1])
-    if extent is None or not isinstance(extent, int) or extent > MAX_ROW or extent < 4:
-        return False
-    if any(e.coeff(r) for e in out_index):
-        return False
-    return unit_stride_reads(term, r, prog) and vector_safe(term, {name for name, _ in outer + reduce_})
-
-
-def unit_stride_reads(term, v, prog) -> bool:
-    for r in term.atoms(sympy.Indexed):
-        if prog.tensors[tensor_of(r)].dtype != "float":
-            return False
-        index = [Affine.from_sympy(i) for i in r.indices]
-        if any(e.coeff(v) for e in index[:-1]) or index[-1].coeff(v) not in (0, 1, 2):
-            return False
-    return True
-
-
-def vector_safe(e, loop_vars) -> bool:
-    if isinstance(e, sympy.Indexed) or e.is_Number:
-        return True
-    if isinstance(e, sympy.Symbol):
-        return e.name not in loop_vars
-    if isinstance(e, (sympy.Add, sympy.Mul)):
-        return all(vector_safe(a, loop_vars) for a in e.args)
-    if isinstance(e, sympy.Pow) and (e.exp == -1 or (e.exp.is_Integer and 1 < e.exp <= 4)):
-        return vector_safe(e.base, loop_vars)
-    return False
 
 
 def zero_when_masked(e, v) -> bool:
@@ -407,8 +346,10 @@ class RegisterRow:
     loaded W lanes at a time with a mask from ``v``'s Fourier–Motzkin bounds (lanes outside are
     never touched), and the row is added to the output once at the end."""
 
-    def __init__(self, writer, fw, out, term, out_index, shapes, ptr, v, extent, first_reduce):
+    def __init__(self, writer, fw, out, term, out_index, shapes, ptr, v, extent, first_reduce, fresh=False,
+                 epilogue=()):
         self.w, self.fw, self.out, self.term, self.out_index = writer, fw, out, term, out_index
+        self.fresh, self.epilogue = fresh, epilogue
         self.shapes, self.ptr, self.v, self.extent, self.first_reduce = shapes, ptr, v, extent, first_reduce
         self.lanes = 8 if fw.ft == "float" else 4
         self.vt = f"<{self.lanes} x {fw.ft}>"
@@ -469,17 +410,25 @@ class RegisterRow:
         del vals[self.v]
 
     def end(self, vals) -> None:
-        """Add the row to the output, lanes past the row's end masked off."""
+        """Add the row to the output (or, fresh, write it), lanes past the row's end masked off;
+        then the epilogue stages on the row while it is still in registers."""
         fw = self.fw
         for c in range(self.chunks):
             vals[self.v] = str(c * self.lanes)
             mask = self.lane_mask(c, "0", str(self.extent - 1))
             p = self.address(self.out, self.out_index, vals)
-            total = fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {mask}, {self.vt} "
-                          f"zeroinitializer)")
+            total = None if self.fresh else fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, "
+                                                  f"{self.mt} {mask}, {self.vt} zeroinitializer)")
             for row in self.accs:  # partial sums in a fixed order: deterministic
-                total = fw.op(f"fadd {FAST} {self.vt} {total}, {fw.op(f'load {self.vt}, ptr {row[c]}')}")
+                value = fw.op(f"load {self.vt}, ptr {row[c]}")
+                total = value if total is None else fw.op(f"fadd {FAST} {self.vt} {total}, {value}")
             fw.raw(f"call void {self.store_fn}({self.vt} {total}, ptr {p}, i32 {self.align}, {self.mt} {mask})")
+            made = {self.out: total}
+            for stage, body in self.epilogue:
+                made[stage.out] = self.emit(body, vals, mask, made)
+                p = self.address(stage.out, self.out_index, vals)
+                fw.raw(f"call void {self.store_fn}({self.vt} {made[stage.out]}, ptr {p}, i32 {self.align}, "
+                       f"{self.mt} {mask})")
         del vals[self.v]
 
     def address(self, tensor, index, vals) -> str:
@@ -501,8 +450,20 @@ class RegisterRow:
         evens = ", ".join(f"i32 {2 * k}" for k in range(n))
         return fw.op(f"shufflevector {wide} {loaded}, {wide} poison, <{n} x i32> <{evens}>")
 
-    def emit(self, e, vals, mask) -> str:
+    def emit(self, e, vals, mask, made=None) -> str:
+        """``e`` as a vector over the row; reads of tensors in ``made`` are those values."""
         fw = self.fw
+        if made and isinstance(e, sympy.Indexed) and tensor_of(e) in made:
+            return made[tensor_of(e)]
+        if isinstance(e, sympy.Piecewise):
+            result = self.emit(e.args[-1].expr, vals, mask, made)
+            for pair in reversed(e.args[:-1]):
+                a, b = (self.emit(x, vals, mask, made) for x in pair.cond.args)
+                pred = {">": "ogt", "<": "olt", ">=": "oge", "<=": "ole"}[pair.cond.rel_op]
+                cond = fw.op(f"fcmp {pred} {self.vt} {a}, {b}")
+                result = fw.op(f"select {self.mt} {cond}, {self.vt} {self.emit(pair.expr, vals, mask, made)}, "
+                               f"{self.vt} {result}")
+            return result
         if isinstance(e, sympy.Indexed):
             index = [Affine.from_sympy(i) for i in e.indices]
             if index[-1].coeff(self.v) == 2:  # stride 2: every other element of a double-width load
@@ -522,12 +483,12 @@ class RegisterRow:
         if e.is_Number:
             return self.splat(fw.fconst(float(e)))
         if isinstance(e, (sympy.Add, sympy.Mul)):
-            args = [self.emit(a, vals, mask) for a in e.args]
+            args = [self.emit(a, vals, mask, made) for a in e.args]
             total = args[0]
             for a in args[1:]:
                 total = fw.op(f"{'fadd' if isinstance(e, sympy.Add) else 'fmul'} {FAST} {self.vt} {total}, {a}")
             return total
-        base = self.emit(e.base, vals, mask)  # a Pow, as vector_safe allowed
+        base = self.emit(e.base, vals, mask, made)  # a Pow, as vector_safe allowed
         if e.exp == -1:
             return fw.op(f"fdiv {FAST} {self.vt} {self.splat(fw.fconst(1.0))}, {base}")
         total = base
@@ -540,8 +501,8 @@ class ReductionRow(RegisterRow):
     """Vector partial sums over the innermost reduction variable, kept across every reduction
     loop and summed across lanes once per output element."""
 
-    def __init__(self, *args, several: bool):
-        super().__init__(*args)
+    def __init__(self, *args, several: bool, epilogue=()):
+        super().__init__(*args, epilogue=epilogue)
         if not several:  # no other reduction loop to unroll for independent chains
             self.partials = 1
             self.accs = self.accs[:1]
@@ -558,34 +519,17 @@ class ReductionRow(RegisterRow):
         scalar = fw.op(f"call {FAST} {fw.ft} @llvm.vector.reduce.fadd.{suffix}({fw.ft} {fw.fconst(0.0)}, "
                        f"{self.vt} {total})")
         _, p = self.w.address(fw, self.out, self.out_index, vals, self.shapes, self.ptr)
-        fw.raw(f"store {fw.ft} {fw.fbin('fadd', fw.op(f'load {fw.ft}, ptr {p}'), scalar)}, ptr {p}")
-
-
-def row_tile(stage, term, outer, reduce_, r, constraints, prog):
-    """An output variable to unroll beside a reduction row (a filter gradient's kernel column):
-    not the threads' variable, at most 8 long, every read that is broadcast free of it (so one
-    load serves every tile), and every constraint on it also on the row variable (so it only
-    moves the row's bounds). Returns (variable, extent) or None."""
-    if len(outer) < 2:
-        return None
-    u, extent = outer[-1]
-    if not isinstance(extent, int) or not 2 <= extent <= 8:
-        return None
-    for read_ in term.atoms(sympy.Indexed):
-        index = [Affine.from_sympy(i) for i in read_.indices]
-        if not index[-1].coeff(r) and any(e.coeff(u) for e in index):
-            return None
-    if any(c.expr.coeff(u) and not c.expr.coeff(r) for c in constraints):
-        return None
-    return u, extent
+        total = fw.fbin('fadd', fw.op(f'load {fw.ft}, ptr {p}'), scalar)
+        fw.raw(f"store {fw.ft} {total}, ptr {p}")
+        self.w.scalar_epilogue(fw, self.out, self.out_index, vals, self.shapes, self.ptr, self.epilogue, total)
 
 
 class TiledReductionRow(ReductionRow):
     """A reduction row for each value of a small output variable at once: the broadcast reads
     are loaded once for all of them (fewer loads per FMA) and the rows are independent chains."""
 
-    def __init__(self, *args, tile):
-        super().__init__(*args, several=False)
+    def __init__(self, *args, tile, epilogue=()):
+        super().__init__(*args, several=False, epilogue=epilogue)
         self.tile_var, self.tile_extent = tile
         self.tiles = [self.accs[0]]
         for _ in range(self.tile_extent - 1):
@@ -616,45 +560,8 @@ class TiledReductionRow(ReductionRow):
         self.accs = [self.tiles[0]]
 
 
-def loop_order(outer, reduce_) -> list[str]:
-    """Outer variables, then reductions; the last outer one goes innermost when it is the longer."""
-    names_out, names_red = [v for v, _ in outer], [v for v, _ in reduce_]
-    if len(outer) >= 2 and reduce_:
-        last_out, last_red = outer[-1][1], reduce_[-1][1]
-        batch_red = not isinstance(last_red, int)  # a sum over the batch (weight gradients): rows win
-        if isinstance(last_out, int) and (last_out >= 16 if batch_red else last_out >= last_red):
-            return names_out[:-1] + names_red + names_out[-1:]
-    return names_out + names_red
-
-
-def extent_minus_one(ext):
-    return Affine.constant(ext - 1) if isinstance(ext, int) else "%Bm1"
-
-
 def extent_value(ext) -> str:
     return str(ext) if isinstance(ext, int) else "%B"
-
-
-def read_ranges(term, grid, shapes) -> list[Box]:
-    """Every read's index must stay inside its tensor: out of range, the term is skipped."""
-    extents = dict(grid)
-    out = []
-    for r in term.atoms(sympy.Indexed):
-        for e, size in zip((Affine.from_sympy(i) for i in r.indices), shapes[tensor_of(r)]):
-            if size == "B":
-                if len(e.coeffs) == 1 and e.const == 0 and e.coeffs[0][1] == 1 and not isinstance(extents[e.coeffs[0][0]], int):
-                    continue
-                raise NotImplementedError(f"internal: batch index {e} is not the batch variable")
-            if all(isinstance(extents.get(v), int) for v in e.vars):
-                lo, hi = e.interval(extents)
-                if lo >= 0 and hi <= size - 1:
-                    continue
-            out.append(Box(e, 0, size - 1))
-    return out
-
-
-def out_of_range(body, grid, shapes) -> bool:
-    return bool(read_ranges(body, grid, shapes))
 
 
 BARRIER_DECLARES = "declare void @llvm.x86.sse2.pause()\ndeclare i32 @sched_yield()"

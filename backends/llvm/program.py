@@ -12,11 +12,11 @@ import threading
 
 import numpy as np
 
+from cnncompile.ir.buffers import PERSISTENT, plan_buffers
 from cnncompile.ir.expr import BATCH, PHASES, Program
 from .codegen import ModuleWriter
 from .jit import Compiled, compile_workers, fingerprint
 
-PERSISTENT = ("param", "buffer", "state")
 ALIGN = 64
 PHASE_SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                    ctypes.c_int64, ctypes.c_void_p)
@@ -80,6 +80,7 @@ class LLVMExecutable:
         writer = ModuleWriter(prog, ftype, placeholder, checked=self.checked)
         texts = writer.modules(compile_workers())
         self.scalar_names = writer.scalar_names
+        self.steps = writer.steps
         prefix = "cc_" + fingerprint("\n".join(texts))[:16]
         parts = [t.replace(placeholder, prefix) for t in texts]
         self.ir_text = "\n".join(parts)
@@ -100,22 +101,41 @@ class LLVMExecutable:
         shape = tuple(batch if d is BATCH else d for d in spec.shape)
         return aligned_zeros(shape, np.int64 if spec.dtype == "int" else self.dtype)
 
-    def bind(self, batch: int):
-        if batch not in self.bound:
+    def plan(self, batch: int, share: bool = True):
+        """The buffer plan, with lifetimes counted in kernels (fused stages run, and so hold
+        their memory, together and where their kernel runs)."""
+        return plan_buffers(self.prog, batch, self.dtype.itemsize, step_of=self.step_of, share=share)
+
+    def step_of(self, phase: str, position: int) -> int:
+        return self.steps[phase][id(self.prog.phase_stages(phase)[position][2])]
+
+    def bind(self, batch: int, share: bool = True):
+        """Buffers for one batch size, made once: views into one arena laid out by the buffer
+        plan. ``share=False`` gives every tensor its own memory, so that intermediate values
+        stay readable after a phase (pictures of activations, tests comparing every tensor)."""
+        if (batch, share) not in self.bound:
+            plan = self.plan(batch, share)
+            arena = aligned_zeros((plan.arena_bytes,), np.uint8)
             env = Env(scalars={"B": batch})
             for name, spec in self.prog.tensors.items():
-                env[name] = self.state[name] if spec.role in PERSISTENT else self.allocate(spec, batch)
+                if spec.role in PERSISTENT:
+                    env[name] = self.state[name]
+                    continue
+                at = plan.placements[name]
+                shape = tuple(batch if d is BATCH else d for d in spec.shape)
+                dtype = np.int64 if spec.dtype == "int" else self.dtype
+                env[name] = arena[at.offset:at.offset + at.nbytes].view(dtype).reshape(shape)
             pointers = (ctypes.c_void_p * len(env))(*(env[n].ctypes.data for n in self.prog.tensors))
-            self.bound[batch] = (env, pointers)
-        return self.bound[batch]
+            self.bound[(batch, share)] = (env, pointers)
+        return self.bound[(batch, share)]
 
-    def run_stage(self, index: int, batch: int, scalars: dict | None = None) -> Env:
+    def run_stage(self, index: int, batch: int, scalars: dict | None = None, share: bool = True) -> Env:
         """Only stage ``index`` of ``prog.all_stages()`` (the NaN guard replays a step this way)."""
-        return self.run(f"only{index}", batch, {}, scalars)
+        return self.run(f"only{index}", batch, {}, scalars, share)
 
-    def run(self, phase: str, batch: int, feeds: dict, scalars: dict | None = None) -> Env:
+    def run(self, phase: str, batch: int, feeds: dict, scalars: dict | None = None, share: bool = True) -> Env:
         """Run a phase; ``feeds`` must already be validated arrays of the planned shapes."""
-        env, pointers = self.bind(batch)
+        env, pointers = self.bind(batch, share)
         for name, value in feeds.items():
             target = env[name]
             if value.shape != target.shape:

@@ -13,7 +13,7 @@ import sympy
 from cnncompile.ir.affine import Affine, Box
 from cnncompile.ir.errors import CompileError
 from cnncompile.ir.expr import Stage, tensor_of
-from ..residue import ClassGeometry, residue_classes, substitute
+from cnncompile.ir.residue import ClassGeometry, residue_classes, substitute
 
 
 @dataclass

@@ -6,7 +6,7 @@ import numpy as np
 from cnncompile.ir.expr import BATCH, Program
 from .run import StageRunner
 
-PERSISTENT = ("param", "buffer", "state")
+from cnncompile.ir.buffers import PERSISTENT, plan_buffers
 
 
 class Env(dict):
@@ -25,12 +25,17 @@ class NumpyExecutable:
         self.state = {n: self.allocate(s, {}) for n, s in prog.tensors.items() if s.role in PERSISTENT}
         self.bound: dict[int, tuple[Env, dict]] = {}
 
+    def plan(self, batch: int, share: bool = True):
+        """The buffer plan as this backend keeps it: every tensor in its own memory."""
+        return plan_buffers(self.prog, batch, self.dtype.itemsize, share=False)
+
     def allocate(self, spec, sizes):
         shape = tuple(int(d.subs(sizes)) if hasattr(d, "subs") else d for d in spec.shape)
         return np.zeros(shape, dtype=np.int64 if spec.dtype == "int" else self.dtype)
 
-    def bind(self, batch: int) -> tuple[Env, dict]:
-        """Buffers and stage plans for one batch size, made once and reused."""
+    def bind(self, batch: int, share: bool = True) -> tuple[Env, dict]:
+        """Buffers and stage plans for one batch size, made once and reused. The reference
+        backend gives every tensor its own memory (``share`` is accepted for the LLVM interface)."""
         if batch not in self.bound:
             sizes = {BATCH: batch}
             env = Env(scalars={"B": batch})
@@ -42,7 +47,7 @@ class NumpyExecutable:
             self.bound[batch] = (env, runners)
         return self.bound[batch]
 
-    def run(self, phase: str, batch: int, feeds: dict, scalars: dict | None = None) -> Env:
+    def run(self, phase: str, batch: int, feeds: dict, scalars: dict | None = None, share: bool = True) -> Env:
         env, runners = self.bind(batch)
         for name, value in feeds.items():
             env[name][...] = value
@@ -51,7 +56,7 @@ class NumpyExecutable:
             runners[part][k](env)
         return env
 
-    def run_stage(self, index: int, batch: int, scalars: dict | None = None) -> Env:
+    def run_stage(self, index: int, batch: int, scalars: dict | None = None, share: bool = True) -> Env:
         """Only stage ``index`` of ``prog.all_stages()`` (the NaN guard replays a step this way)."""
         env, runners = self.bind(batch)
         env.scalars.update(scalars or {})

@@ -1,0 +1,277 @@
+"""The schedule: how each stage's loops run, and which stages run together.
+
+Templates. Per term nest (`loops`), a loop order and a register template:
+- ``row`` (output-stationary): the innermost loop is the output's last, unit-stride variable
+  (4 to MAX_ROW long); that output row lives in vector registers across every reduction loop;
+- ``reduction_row``: the innermost loop is a reduction variable the output does not depend on;
+  vector partial sums over it live across the reductions (a filter gradient over a map row);
+- ``tiled_reduction_row``: the same for each value of a small output variable at once (a
+  kernel column), so broadcast loads are shared;
+- ``scalar``: plain loops, left to LLVM's vectorizers.
+
+Kernels. Per phase, stages are grouped into kernels: a main stage that finishes each output
+value at one place in its loops (in registers, for the vector templates), and the elementwise stages that only need that value (bias, ReLU,
+batch norm's scale, a ReLU′ mask, the optimizer's update of the parameter whose gradient it
+completes) computed in its epilogue, right where the value is, instead of in passes of their
+own behind a barrier. An epilogue stage may move up to its producer only if no stage in between
+touches what it reads or writes. Kernels are separated by the threads' barrier.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from .affine import Affine
+from .expr import Program, Stage, tensor_of, var
+from .loops import ClassNest, TermNest, covers_outputs, lower, read_ranges, shapes_of
+
+MAX_ROW = 64  # longest output row held in registers (8 ymm accumulators for float)
+
+
+@dataclass(frozen=True)
+class Template:
+    kind: str  # scalar | row | reduction_row | tiled_reduction_row
+    order: tuple  # loop variables, outermost first (a tiled row's own variable is not a loop)
+    accumulate: bool  # add into the output (initialised by a nest of its own, or by other stages)
+    row: str | None = None  # the vector variable (innermost)
+    extent: int | None = None
+    first_reduce: int = 0  # loop level where registers start to live
+    tile: tuple | None = None  # (variable, extent) of a tiled reduction row
+    several: bool = False  # a reduction row with other reduction loops around it
+    fresh: bool = False  # every output is written once, whole: no initialisation, no reload
+
+
+def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = False) -> Template:
+    stage, outer, reduce_ = nest.stage, nest.outer, nest.reduce
+    accumulate = stage.accumulate or nest.needs_init
+    order = loop_order(outer, reduce_)
+    if not accumulate or checked:  # bounds-checked builds use plain loops only
+        return Template("scalar", tuple(order), accumulate)
+    row_order = [o for o, _ in outer[:-1]] + [r for r, _ in reduce_] + [outer[-1][0]] if outer else order
+    if vectorizable(stage, term.term, nest.out_index, outer, reduce_, row_order, prog):
+        fresh = not stage.accumulate and covers_outputs(nest, term)
+        return Template("row", tuple(row_order), accumulate, row_order[-1], dict(nest.grid)[row_order[-1]],
+                        len(outer) - 1, fresh=fresh)
+    if reduction_vectorizable(stage, term.term, nest.out_index, outer, reduce_, order, prog):
+        r, extent = order[-1], dict(nest.grid)[order[-1]]
+        tile = row_tile(stage, term.term, outer, reduce_, r, term.constraints, prog)
+        if tile is not None:
+            return Template("tiled_reduction_row", tuple(o for o in order if o != tile[0]), accumulate, r, extent,
+                            len(outer) - 1, tile=tile)
+        return Template("reduction_row", tuple(order), accumulate, r, extent, len(outer),
+                        several=len(reduce_) > 1)
+    return Template("scalar", tuple(order), accumulate)
+
+
+def loop_order(outer, reduce_) -> list[str]:
+    """Outer variables, then reductions; the last outer one goes innermost when it is the longer."""
+    names_out, names_red = [v for v, _ in outer], [v for v, _ in reduce_]
+    if len(outer) >= 2 and reduce_:
+        last_out, last_red = outer[-1][1], reduce_[-1][1]
+        batch_red = not isinstance(last_red, int)  # a sum over the batch (weight gradients): rows win
+        if isinstance(last_out, int) and (last_out >= 16 if batch_red else last_out >= last_red):
+            return names_out[:-1] + names_red + names_out[-1:]
+    return names_out + names_red
+
+
+def vectorizable(stage, term, out_index, outer, reduce_, order, prog) -> bool:
+    """Can the innermost output variable run as a row of vector accumulators kept in registers
+    across the reduction loops? Needs: a sum with reductions, the innermost loop an output
+    variable that is the output's last index (unit stride) and at most MAX_ROW long, every read
+    either free of it or unit-stride in it on its last index, float reads only, and a body of
+    +, ×, constants and runtime scalars."""
+    if stage.combine != "sum" or not reduce_ or len(outer) < 2 or stage.argmax:
+        return False
+    v, extent = order[-1], dict(outer).get(order[-1])
+    if extent is None or not isinstance(extent, int) or extent > MAX_ROW or extent < 4:
+        return False
+    if out_index[-1] != Affine.var(v) or any(e.coeff(v) for e in out_index[:-1]):
+        return False
+    return unit_stride_reads(term, v, prog) and vector_safe(term, {name for name, _ in outer + reduce_})
+
+
+def reduction_vectorizable(stage, term, out_index, outer, reduce_, order, prog) -> bool:
+    """The other way round: the innermost loop is a reduction variable ``r`` (4 to MAX_ROW long)
+    that the output does not depend on, every read free of ``r`` or unit-stride in it."""
+    if stage.combine != "sum" or not reduce_ or not outer or stage.argmax:
+        return False
+    r, extent = order[-1], dict(reduce_).get(order[-1])
+    if extent is None or not isinstance(extent, int) or extent > MAX_ROW or extent < 4:
+        return False
+    if any(e.coeff(r) for e in out_index):
+        return False
+    return unit_stride_reads(term, r, prog) and vector_safe(term, {name for name, _ in outer + reduce_})
+
+
+def unit_stride_reads(term, v, prog) -> bool:
+    for r in term.atoms(sympy.Indexed):
+        if prog.tensors[tensor_of(r)].dtype != "float":
+            return False
+        index = [Affine.from_sympy(i) for i in r.indices]
+        if any(e.coeff(v) for e in index[:-1]) or index[-1].coeff(v) not in (0, 1, 2):
+            return False
+    return True
+
+
+def vector_safe(e, loop_vars, piecewise: bool = False) -> bool:
+    """A body the vector templates can emit: +, ×, small powers, reads, numbers, runtime scalars
+    (and, in epilogues, a Piecewise of comparisons: ReLU and its derivative)."""
+    if isinstance(e, sympy.Indexed) or e.is_Number:
+        return True
+    if isinstance(e, sympy.Symbol):
+        return e.name not in loop_vars
+    if isinstance(e, (sympy.Add, sympy.Mul)):
+        return all(vector_safe(a, loop_vars, piecewise) for a in e.args)
+    if isinstance(e, sympy.Pow) and (e.exp == -1 or (e.exp.is_Integer and 1 < e.exp <= 4)):
+        return vector_safe(e.base, loop_vars, piecewise)
+    if piecewise and isinstance(e, sympy.Piecewise):
+        return all(vector_safe(p.expr, loop_vars, piecewise) and
+                   (p.cond is sympy.true or (isinstance(p.cond, (sympy.StrictGreaterThan, sympy.StrictLessThan,
+                                                                 sympy.GreaterThan, sympy.LessThan))
+                                             and all(vector_safe(a, loop_vars, piecewise) for a in p.cond.args)))
+                   for p in e.args)
+    return False
+
+
+def row_tile(stage, term, outer, reduce_, r, constraints, prog):
+    """An output variable to unroll beside a reduction row (a filter gradient's kernel column):
+    not the threads' variable, at most 8 long, every read that is broadcast free of it (so one
+    load serves every tile), and every constraint on it also on the row variable (so it only
+    moves the row's bounds). Returns (variable, extent) or None."""
+    if len(outer) < 2:
+        return None
+    u, extent = outer[-1]
+    if not isinstance(extent, int) or not 2 <= extent <= 8:
+        return None
+    for read_ in term.atoms(sympy.Indexed):
+        index = [Affine.from_sympy(i) for i in read_.indices]
+        if not index[-1].coeff(r) and any(e.coeff(u) for e in index):
+            return None
+    if any(c.expr.coeff(u) and not c.expr.coeff(r) for c in constraints):
+        return None
+    return u, extent
+
+
+# ----- kernels: fusion ------------------------------------------------------------------------------
+
+@dataclass
+class Kernel:
+    """A main stage and the elementwise stages computed in its epilogue; ``epilogue[k]`` is
+    stage k's body over the main's grid, with every read of a value the kernel just made left
+    as a read of that tensor at the output point (the code generator substitutes the value)."""
+
+    main: Stage
+    nests: list  # the main's ClassNests
+    templates: list  # per nest, per term
+    epilogue: list = field(default_factory=list)  # (Stage, body over the main's grid)
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [self.main] + [s for s, _ in self.epilogue]
+
+    @property
+    def made(self) -> set[str]:
+        return {s.out for s in self.stages}
+
+
+def kernels(prog: Program, phase: str, checked: bool = False, fuse: bool = True) -> list[Kernel]:
+    """The phase's stages as kernels, in execution order."""
+    remaining = [s for _, _, s in prog.phase_stages(phase)]
+    out = []
+    while remaining:
+        kernel = single(remaining.pop(0), prog, checked)
+        if fuse and epilogue_host(kernel):
+            grow(kernel, remaining, prog)
+        out.append(kernel)
+    return out
+
+
+def single(stage: Stage, prog: Program, checked: bool = False) -> Kernel:
+    """One stage as a kernel of its own."""
+    nests = lower(stage, prog)
+    return Kernel(stage, nests, [[template(n, t, prog, checked) for t in n.terms] for n in nests])
+
+
+def epilogue_host(kernel: Kernel) -> bool:
+    """Does the main finish each output value once, at one place in its loops: one class, one
+    term, an output index that is its own variables in order, and either a register template
+    (the value is in registers at the row's end) or plain loops with every output variable
+    outside the reductions (the value is final when they close)?"""
+    main = kernel.main
+    if main.accumulate or len(kernel.nests) != 1 or len(kernel.nests[0].terms) != 1:
+        return False
+    nest, template_ = kernel.nests[0], kernel.templates[0][0]
+    if tuple(nest.out_index) != tuple(Affine.var(v) for v, _ in nest.outer) or not nest.outer:
+        return False
+    if template_.kind == "scalar":
+        return tuple(template_.order[:nest.n_outer]) == tuple(v for v, _ in nest.outer)
+    return main.combine == "sum"
+
+
+def grow(kernel: Kernel, remaining: list, prog: Program) -> None:
+    """Pull every stage that can run in the kernel's epilogue out of ``remaining``."""
+    k = 0
+    while k < len(remaining):
+        stage = remaining[k]
+        body = epilogue_body(kernel, stage, prog)
+        if body is not None and movable(remaining[:k], stage):
+            kernel.epilogue.append((stage, body))
+            remaining.pop(k)
+            k = 0  # a later stage may now read what this one made
+            continue
+        k += 1
+
+
+def epilogue_body(kernel: Kernel, stage: Stage, prog: Program):
+    """``stage``'s body over the main's grid if it can run in the epilogue, else None: it is
+    elementwise over the main's output points (same extents, identity index), reads what the
+    kernel made only at the output point, reads everything else in range, and writes nothing the
+    kernel reads."""
+    if stage.combine is not None or stage.reduce or stage.argmax or stage.accumulate:
+        return None
+    reads = stage.reads()
+    if not any(tensor_of(r) in kernel.made for r in reads):
+        return None
+    nest = kernel.nests[0]
+    outer = nest.outer
+    if len(stage.domain) != len(outer) or any(e != ext for (_, e), (_, ext) in zip(stage.domain, outer)):
+        return None
+    if tuple(stage.out_index) != tuple(Affine.var(v) for v, _ in stage.domain):
+        return None
+    if stage.out in {tensor_of(r) for r in kernel.main.reads()}:
+        return None
+    rename = {var(v): var(g) for (v, _), (g, _) in zip(stage.domain, outer)}
+    body = stage.body.xreplace(rename)
+    point = tuple(Affine.var(g) for g, _ in outer)
+    for r in body.atoms(sympy.Indexed):
+        if tensor_of(r) in kernel.made and tuple(Affine.from_sympy(i) for i in r.indices) != point:
+            return None
+    for s, earlier in kernel.epilogue:  # an earlier epilogue stage may read what this one overwrites,
+        for r in earlier.atoms(sympy.Indexed):  # but only at the same point (it runs first there)
+            if tensor_of(r) == stage.out and tuple(Affine.from_sympy(i) for i in r.indices) != point:
+                return None
+    others = [r for r in body.atoms(sympy.Indexed) if tensor_of(r) not in kernel.made]
+    shapes = shapes_of(prog, {tensor_of(r) for r in others})
+    if read_ranges(sympy.Add(*others), outer, shapes):
+        return None
+    template_ = kernel.templates[0][0]
+    if template_.kind == "row":
+        loop_vars = {v for v, _ in nest.grid}
+        rest = body.xreplace({r: sympy.Symbol(f"made{k}") for k, r in enumerate(body.atoms(sympy.Indexed))
+                              if tensor_of(r) in kernel.made})
+        if not (vector_safe(rest, loop_vars, piecewise=True) and unit_stride_reads(rest, template_.row, prog)):
+            return None
+    return body
+
+
+def movable(between: list[Stage], stage: Stage) -> bool:
+    """May ``stage`` run before ``between``? Only if none of them writes what it reads or
+    touches what it writes."""
+    reads = {tensor_of(r) for r in stage.reads()}
+    for s in between:
+        if s.out in reads or s.out == stage.out or set(s.argmax) & reads:
+            return False
+        if stage.out in {tensor_of(r) for r in s.reads()}:
+            return False
+    return True
