@@ -31,18 +31,19 @@ MAX_ROW = 64  # longest output row held in registers (8 ymm accumulators for flo
 
 @dataclass(frozen=True)
 class Template:
-    kind: str  # scalar | row | reduction_row | tiled_reduction_row
+    kind: str  # scalar | row | tiled_row | reduction_row | tiled_reduction_row
     order: tuple  # loop variables, outermost first (a tiled row's own variable is not a loop)
     accumulate: bool  # add into the output (initialised by a nest of its own, or by other stages)
     row: str | None = None  # the vector variable (innermost)
     extent: int | None = None
     first_reduce: int = 0  # loop level where registers start to live
-    tile: tuple | None = None  # (variable, extent) of a tiled reduction row
+    tile: tuple | None = None  # a tiled reduction row's (variable, extent); a tiled row's (variable, size, extent)
     several: bool = False  # a reduction row with other reduction loops around it
     fresh: bool = False  # every output is written once, whole: no initialisation, no reload
 
 
-def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = False) -> Template:
+def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = False, lanes: int = 8) -> Template:
+    """``lanes``: floats per vector register (8 for float32, 4 for float64 on AVX2)."""
     stage, outer, reduce_ = nest.stage, nest.outer, nest.reduce
     accumulate = stage.accumulate or nest.needs_init
     order = loop_order(outer, reduce_)
@@ -51,8 +52,12 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
     row_order = [o for o, _ in outer[:-1]] + [r for r, _ in reduce_] + [outer[-1][0]] if outer else order
     if vectorizable(stage, term.term, nest.out_index, outer, reduce_, row_order, prog):
         fresh = not stage.accumulate and covers_outputs(nest, term)
-        return Template("row", tuple(row_order), accumulate, row_order[-1], dict(nest.grid)[row_order[-1]],
-                        len(outer) - 1, fresh=fresh)
+        row, extent = row_order[-1], dict(nest.grid)[row_order[-1]]
+        tile = output_tile(term, outer, row, extent, lanes)
+        if tile is not None:
+            return Template("tiled_row", tuple(tiled_order(outer, reduce_, row, tile[0])), accumulate, row, extent,
+                            len(outer) - 1, tile=tile, fresh=fresh)
+        return Template("row", tuple(row_order), accumulate, row, extent, len(outer) - 1, fresh=fresh)
     if reduction_vectorizable(stage, term.term, nest.out_index, outer, reduce_, order, prog):
         r, extent = order[-1], dict(nest.grid)[order[-1]]
         tile = row_tile(stage, term.term, outer, reduce_, r, term.constraints, prog)
@@ -134,6 +139,42 @@ def vector_safe(e, loop_vars, piecewise: bool = False) -> bool:
     return False
 
 
+MAX_ACCUMULATORS = 8  # vector accumulators of a tile: the rest of the 16 ymm registers hold loads
+
+
+def output_tile(term: TermNest, outer, row: str, extent: int, lanes: int):
+    """An output variable ``u`` to block beside a register row (output channels of a convolution):
+    every read that depends on ``u`` is free of the row (a weight: broadcast once per row), and
+    some read is, so that every read along the row (the input) is loaded once for the whole
+    block; no constraint mentions ``u``. The block size divides ``u``'s extent and keeps block ×
+    vectors per row within MAX_ACCUMULATORS. Returns (u, block size, extent) or None."""
+    chunks = -(-extent // lanes)
+    best = None
+    for u, ext in outer:
+        if u == row or not isinstance(ext, int) or any(c.expr.coeff(u) for c in term.constraints):
+            continue
+        along = [r for r in term.term.atoms(sympy.Indexed) if Affine.from_sympy(r.indices[-1]).coeff(row)]
+        across = [r for r in term.term.atoms(sympy.Indexed) if any(Affine.from_sympy(i).coeff(u) for i in r.indices)]
+        if not across or not along or set(along) & set(across):
+            continue
+        size = max((t for t in range(2, MAX_ACCUMULATORS + 1) if ext % t == 0 and t * chunks <= MAX_ACCUMULATORS),
+                   default=None)
+        if size is not None and (best is None or size > best[1]):
+            best = (u, size, ext)
+    return best
+
+
+def tiled_order(outer, reduce_, row: str, u: str) -> list[str]:
+    """Outer variables (the longest other than the block's first: the threads split it; the
+    block's variable steps by its size), then the reductions, then the row."""
+    rest = [v for v, _ in outer if v not in (row, u)]
+    extents = dict(outer)
+    if rest:
+        first = max(rest, key=lambda v: 10 ** 9 if not isinstance(extents[v], int) else extents[v])
+        rest = [first] + [v for v in rest if v != first]
+    return rest + [u] + [r for r, _ in reduce_] + [row]
+
+
 def row_tile(stage, term, outer, reduce_, r, constraints, prog):
     """An output variable to unroll beside a reduction row (a filter gradient's kernel column):
     not the threads' variable, at most 8 long, every read that is broadcast free of it (so one
@@ -175,22 +216,22 @@ class Kernel:
         return {s.out for s in self.stages}
 
 
-def kernels(prog: Program, phase: str, checked: bool = False, fuse: bool = True) -> list[Kernel]:
+def kernels(prog: Program, phase: str, checked: bool = False, fuse: bool = True, lanes: int = 8) -> list[Kernel]:
     """The phase's stages as kernels, in execution order."""
     remaining = [s for _, _, s in prog.phase_stages(phase)]
     out = []
     while remaining:
-        kernel = single(remaining.pop(0), prog, checked)
+        kernel = single(remaining.pop(0), prog, checked, lanes)
         if fuse and epilogue_host(kernel):
             grow(kernel, remaining, prog)
         out.append(kernel)
     return out
 
 
-def single(stage: Stage, prog: Program, checked: bool = False) -> Kernel:
+def single(stage: Stage, prog: Program, checked: bool = False, lanes: int = 8) -> Kernel:
     """One stage as a kernel of its own."""
     nests = lower(stage, prog)
-    return Kernel(stage, nests, [[template(n, t, prog, checked) for t in n.terms] for n in nests])
+    return Kernel(stage, nests, [[template(n, t, prog, checked, lanes) for t in n.terms] for n in nests])
 
 
 def epilogue_host(kernel: Kernel) -> bool:
@@ -256,7 +297,7 @@ def epilogue_body(kernel: Kernel, stage: Stage, prog: Program):
     if read_ranges(sympy.Add(*others), outer, shapes):
         return None
     template_ = kernel.templates[0][0]
-    if template_.kind == "row":
+    if template_.kind in ("row", "tiled_row"):
         loop_vars = {v for v, _ in nest.grid}
         rest = body.xreplace({r: sympy.Symbol(f"made{k}") for k, r in enumerate(body.atoms(sympy.Indexed))
                               if tensor_of(r) in kernel.made})

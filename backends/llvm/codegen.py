@@ -28,6 +28,7 @@ class ModuleWriter:
         self.prog, self.ft, self.prefix, self.checked = prog, ftype, prefix, checked
         self.current_stage = 0
         self.fuse = fuse
+        self.lanes = 8 if ftype == "float" else 4
         self.steps: dict[str, dict] = {}  # phase → stage (by id) → index of the kernel that runs it
         self.stage_index = {id(s): k for k, s in enumerate(prog.all_stages())}
         self.tensor_ids = {name: k for k, name in enumerate(prog.tensors)}
@@ -75,6 +76,7 @@ class ModuleWriter:
         for term, tpl in zip(nest.terms, templates):
             args = (self, fw, stage.out, term.term, nest.out_index, shapes, ptr, tpl.row, tpl.extent, tpl.first_reduce)
             vector = {"row": lambda: RegisterRow(*args, fresh=tpl.fresh, epilogue=epilogue),
+                      "tiled_row": lambda: TiledRow(*args, tile=tpl.tile, fresh=tpl.fresh, epilogue=epilogue),
                       "reduction_row": lambda: ReductionRow(*args, several=tpl.several, epilogue=epilogue),
                       "tiled_reduction_row": lambda: TiledReductionRow(*args, tile=tpl.tile, epilogue=epilogue),
                       "scalar": lambda: None}[tpl.kind]()
@@ -133,17 +135,21 @@ class ModuleWriter:
                 else:
                     vector.innermost(vals, row_bounds)
                 return
-            lo = self.bound(fw, bounds[v][0], vals, lower=True)
-            hi = self.bound(fw, bounds[v][1], vals, lower=False)
+            stepped = getattr(vector, "block", None)
+            if stepped is not None and v == stepped[0]:  # a block's variable: one loop step per block
+                lo, hi = "0", str(stepped[2] // stepped[1] - 1)
+            else:
+                lo = self.bound(fw, bounds[v][0], vals, lower=True)
+                hi = self.bound(fw, bounds[v][1], vals, lower=False)
             if k == 0 and split:  # this thread's share of the outermost loop
-                n = extent_value(extents[v])
+                n = str(stepped[2] // stepped[1]) if stepped is not None and v == stepped[0] else extent_value(extents[v])
                 start = fw.op(f"sdiv i64 {fw.imul(n, '%tid')}, %nt")
                 next_start = fw.op(f"sdiv i64 {fw.imul(n, fw.iadd('%tid', 1))}, %nt")
                 stop = fw.op(f"sub nsw i64 {next_start}, 1")
                 lo, hi = fw.smax(lo, start), fw.smin(hi, stop)
 
             def inner(value):
-                vals[v] = value
+                vals[v] = fw.imul(value, stepped[1]) if stepped is not None and v == stepped[0] else value
                 level(k + 1)
 
             if vector is not None and k == len(order) - 2 and vector.partials > 1:
@@ -303,9 +309,9 @@ class ModuleWriter:
         """Each phase's kernels in order, and a driver per stage on its own (the NaN guard's
         replay, profiles)."""
         for phase in PHASES:
-            yield phase, kernels(self.prog, phase, self.checked, self.fuse)
+            yield phase, kernels(self.prog, phase, self.checked, self.fuse, self.lanes)
         for n, stage in enumerate(self.all_stages()):
-            yield f"only{n}", [single(stage, self.prog, self.checked)]
+            yield f"only{n}", [single(stage, self.prog, self.checked, self.lanes)]
 
     def driver(self, phase: str, calls) -> str:
         lines = ["entry:", "  %sense = alloca i32", "  %shared = getelementptr inbounds i32, ptr %bar, i64 1",
@@ -362,6 +368,7 @@ class RegisterRow:
         fw.declares.add(f"declare void {self.store_fn}({self.vt}, ptr, i32, {self.mt})")
         self.partials = {1: 4, 2: 2}.get(self.chunks, 1)  # independent FMA chains per output vector
         self.partial, self.valid = 0, None
+        self.shared = None  # a block's loads shared by its rows (see TiledRow)
         self.zero_outside = zero_when_masked(term, v)
         self.accs = []
         for _ in range(self.partials):
@@ -455,6 +462,13 @@ class RegisterRow:
         fw = self.fw
         if made and isinstance(e, sympy.Indexed) and tensor_of(e) in made:
             return made[tensor_of(e)]
+        if self.shared is not None and isinstance(e, sympy.Indexed) and self.free_of_block(e):
+            key = (e, vals[self.v])  # one load for every row of a block
+            if key not in self.shared:
+                self.shared[key] = self.emit_read(e, vals, mask)
+            return self.shared[key]
+        if isinstance(e, sympy.Indexed):
+            return self.emit_read(e, vals, mask)
         if isinstance(e, sympy.Piecewise):
             result = self.emit(e.args[-1].expr, vals, mask, made)
             for pair in reversed(e.args[:-1]):
@@ -464,16 +478,25 @@ class RegisterRow:
                 result = fw.op(f"select {self.mt} {cond}, {self.vt} {self.emit(pair.expr, vals, mask, made)}, "
                                f"{self.vt} {result}")
             return result
-        if isinstance(e, sympy.Indexed):
-            index = [Affine.from_sympy(i) for i in e.indices]
-            if index[-1].coeff(self.v) == 2:  # stride 2: every other element of a double-width load
-                return self.strided_load(tensor_of(e), index, vals, mask)
-            if index[-1].coeff(self.v):
-                p = self.address(tensor_of(e), index, vals)
-                return fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {mask}, "
-                             f"{self.vt} zeroinitializer)")
-            p = self.address(tensor_of(e), index, vals)
-            return self.splat(fw.op(f"load {fw.ft}, ptr {p}"))
+        return self.emit_operation(e, vals, mask, made)
+
+    def free_of_block(self, e) -> bool:
+        return False
+
+    def emit_read(self, e, vals, mask) -> str:
+        """A read along the row (masked vector load), or free of it (one load, broadcast)."""
+        fw = self.fw
+        index = [Affine.from_sympy(i) for i in e.indices]
+        if index[-1].coeff(self.v) == 2:  # stride 2: every other element of a double-width load
+            return self.strided_load(tensor_of(e), index, vals, mask)
+        p = self.address(tensor_of(e), index, vals)
+        if index[-1].coeff(self.v):
+            return fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {mask}, "
+                         f"{self.vt} zeroinitializer)")
+        return self.splat(fw.op(f"load {fw.ft}, ptr {p}"))
+
+    def emit_operation(self, e, vals, mask, made) -> str:
+        fw = self.fw
         if isinstance(e, sympy.Symbol):
             if e.name == "B":
                 return self.splat(fw.op(f"sitofp i64 %B to {fw.ft}"))
@@ -495,6 +518,56 @@ class RegisterRow:
         for _ in range(int(e.exp) - 1):
             total = fw.op(f"fmul {FAST} {self.vt} {total}, {base}")
         return total
+
+
+class TiledRow(RegisterRow):
+    """Register rows for a block of values of an output variable (output channels): the reads
+    along the row (the input) are loaded once for the whole block, the reads with the block's
+    variable (weights) are broadcast per row; block × vectors accumulators, each an independent
+    FMA chain. The nest steps the block's variable by the block size (``block``)."""
+
+    def __init__(self, *args, tile, fresh, epilogue):
+        super().__init__(*args, fresh=fresh, epilogue=epilogue)
+        self.block = tile  # (variable, size, extent)
+        self.partials, self.accs = 1, self.accs[:1]
+        self.tiles = [self.accs[0]] + [self.new_row() for _ in range(tile[1] - 1)]
+
+    def new_row(self) -> list[str]:
+        row = []
+        for _ in range(self.chunks):
+            slot = self.fw.fresh("acc")
+            self.fw.allocas.append(f"  {slot} = alloca {self.vt}")
+            row.append(slot)
+        return row
+
+    def free_of_block(self, e) -> bool:
+        return not any(Affine.from_sympy(i).coeff(self.block[0]) for i in e.indices)
+
+    def begin(self) -> None:
+        for row in self.tiles:
+            for slot in row:
+                self.fw.raw(f"store {self.vt} zeroinitializer, ptr {slot}")
+
+    def each_row(self, vals, action) -> None:
+        u, base = self.block[0], vals[self.block[0]]
+        for t, accs in enumerate(self.tiles):
+            vals[u] = self.fw.iadd(base, t)
+            action(accs)
+        vals[u] = base
+
+    def innermost(self, vals, row_bounds) -> None:
+        bounds = row_bounds()  # no constraint mentions the block's variable
+        self.shared = {}
+        self.each_row(vals, lambda accs: self.accumulate_row(vals, bounds, accs))
+        self.shared = None
+
+    def end(self, vals) -> None:
+        def finish(accs):
+            self.accs = [accs]
+            super(TiledRow, self).end(vals)
+
+        self.each_row(vals, finish)
+        self.accs = [self.tiles[0]]
 
 
 class ReductionRow(RegisterRow):
