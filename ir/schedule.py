@@ -25,6 +25,7 @@ import sympy
 from .affine import Affine
 from .expr import Program, Stage, tensor_of, var
 from .loops import ClassNest, TermNest, covers_outputs, lower, read_ranges, shapes_of
+from .residue import substitute
 
 MAX_ROW = 64  # longest output row held in registers (8 ymm accumulators for float)
 
@@ -72,7 +73,7 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
 def loop_order(outer, reduce_) -> list[str]:
     """Outer variables, then reductions; the last outer one goes innermost when it is the longer."""
     names_out, names_red = [v for v, _ in outer], [v for v, _ in reduce_]
-    if len(outer) >= 2 and reduce_:
+    if len(outer) >= 2 and reduce_ and any(e != 1 for _, e in reduce_):  # (a sum over one point is no loop)
         last_out, last_red = outer[-1][1], reduce_[-1][1]
         batch_red = not isinstance(last_red, int)  # a sum over the batch (weight gradients): rows win
         if isinstance(last_out, int) and (last_out >= 16 if batch_red else last_out >= last_red):
@@ -199,8 +200,8 @@ def row_tile(stage, term, outer, reduce_, r, constraints, prog):
 @dataclass
 class Kernel:
     """A main stage and the elementwise stages computed in its epilogue; ``epilogue[k]`` is
-    stage k's body over the main's grid, with every read of a value the kernel just made left
-    as a read of that tensor at the output point (the code generator substitutes the value)."""
+    stage k's body over the main's variables, with every read of a value the kernel just made
+    left as a read of that tensor at the output point (the code generator puts the value there)."""
 
     main: Stage
     nests: list  # the main's ClassNests
@@ -216,103 +217,122 @@ class Kernel:
         return {s.out for s in self.stages}
 
 
+class Scheduler:
+    """Kernels for every phase of one program; each stage is lowered and templated once."""
+
+    def __init__(self, prog: Program, checked: bool = False, fuse: bool = True, lanes: int = 8):
+        self.prog, self.checked, self.fuse, self.lanes = prog, checked, fuse, lanes
+        self.lowered: dict[int, tuple] = {}  # id(stage) → (nests, templates); stages live in prog
+        self.read_sets: dict[int, set] = {}
+
+    def single(self, stage: Stage) -> Kernel:
+        """One stage as a kernel of its own."""
+        if id(stage) not in self.lowered:
+            nests = lower(stage, self.prog)
+            self.lowered[id(stage)] = nests, [[template(n, t, self.prog, self.checked, self.lanes) for t in n.terms]
+                                             for n in nests]
+        return Kernel(stage, *self.lowered[id(stage)])
+
+    def reads(self, stage: Stage) -> set[str]:
+        if id(stage) not in self.read_sets:
+            self.read_sets[id(stage)] = {tensor_of(r) for r in stage.reads()}
+        return self.read_sets[id(stage)]
+
+    def kernels(self, phase: str) -> list[Kernel]:
+        """The phase's stages as kernels, in execution order."""
+        remaining = [s for _, _, s in self.prog.phase_stages(phase)]
+        out = []
+        while remaining:
+            kernel = self.single(remaining.pop(0))
+            if self.fuse and epilogue_host(kernel):
+                self.grow(kernel, remaining)
+            out.append(kernel)
+        return out
+
+    def grow(self, kernel: Kernel, remaining: list) -> None:
+        """Pull every stage that can run in the kernel's epilogue out of ``remaining``."""
+        k = 0
+        while k < len(remaining):
+            stage = remaining[k]
+            if self.reads(stage) & kernel.made:
+                body = epilogue_body(kernel, stage, self.prog)
+                if body is not None and self.movable(remaining[:k], stage):
+                    kernel.epilogue.append((stage, body))
+                    remaining.pop(k)
+                    k = 0  # a later stage may now read what this one made
+                    continue
+            k += 1
+
+    def movable(self, between: list[Stage], stage: Stage) -> bool:
+        """May ``stage`` run before ``between``? Only if none of them writes what it reads or
+        touches what it writes."""
+        reads = self.reads(stage)
+        for s in between:
+            if s.out in reads or s.out == stage.out or set(s.argmax) & reads or stage.out in self.reads(s):
+                return False
+        return True
+
+
 def kernels(prog: Program, phase: str, checked: bool = False, fuse: bool = True, lanes: int = 8) -> list[Kernel]:
-    """The phase's stages as kernels, in execution order."""
-    remaining = [s for _, _, s in prog.phase_stages(phase)]
-    out = []
-    while remaining:
-        kernel = single(remaining.pop(0), prog, checked, lanes)
-        if fuse and epilogue_host(kernel):
-            grow(kernel, remaining, prog)
-        out.append(kernel)
-    return out
-
-
-def single(stage: Stage, prog: Program, checked: bool = False, lanes: int = 8) -> Kernel:
-    """One stage as a kernel of its own."""
-    nests = lower(stage, prog)
-    return Kernel(stage, nests, [[template(n, t, prog, checked, lanes) for t in n.terms] for n in nests])
+    return Scheduler(prog, checked, fuse, lanes).kernels(phase)
 
 
 def epilogue_host(kernel: Kernel) -> bool:
-    """Does the main finish each output value once, at one place in its loops: one class, one
-    term, an output index that is its own variables in order, and either a register template
-    (the value is in registers at the row's end) or plain loops with every output variable
-    outside the reductions (the value is final when they close)?"""
+    """Does the main finish each output value once, at one place in its loops, for every output
+    point? Each class has one term whose loops visit all its outputs, the output index is the
+    stage's own variables in order, and either a register template holds the value (at the
+    row's end) or plain loops have every output variable outside the reductions (the value is
+    final when they close)."""
     main = kernel.main
-    if main.accumulate or len(kernel.nests) != 1 or len(kernel.nests[0].terms) != 1:
+    if main.accumulate or not main.domain or tuple(main.out_index) != tuple(Affine.var(v) for v, _ in main.domain):
         return False
-    nest, template_ = kernel.nests[0], kernel.templates[0][0]
-    if tuple(nest.out_index) != tuple(Affine.var(v) for v, _ in nest.outer) or not nest.outer:
-        return False
-    if template_.kind == "scalar":
-        return tuple(template_.order[:nest.n_outer]) == tuple(v for v, _ in nest.outer)
-    return main.combine == "sum"
-
-
-def grow(kernel: Kernel, remaining: list, prog: Program) -> None:
-    """Pull every stage that can run in the kernel's epilogue out of ``remaining``."""
-    k = 0
-    while k < len(remaining):
-        stage = remaining[k]
-        body = epilogue_body(kernel, stage, prog)
-        if body is not None and movable(remaining[:k], stage):
-            kernel.epilogue.append((stage, body))
-            remaining.pop(k)
-            k = 0  # a later stage may now read what this one made
-            continue
-        k += 1
+    for nest, templates in zip(kernel.nests, kernel.templates):
+        if nest.empty or len(nest.terms) != 1 or not covers_outputs(nest, nest.terms[0]):
+            return False
+        if templates[0].kind == "scalar":
+            if tuple(templates[0].order[:nest.n_outer]) != tuple(v for v, _ in nest.outer):
+                return False
+        elif main.combine != "sum":
+            return False
+    return True
 
 
 def epilogue_body(kernel: Kernel, stage: Stage, prog: Program):
-    """``stage``'s body over the main's grid if it can run in the epilogue, else None: it is
+    """``stage``'s body over the main's variables if it can run in the epilogue, else None: it is
     elementwise over the main's output points (same extents, identity index), reads what the
     kernel made only at the output point, reads everything else in range, and writes nothing the
-    kernel reads."""
+    main reads (earlier epilogue stages read it, if at all, at the same point: they run first)."""
     if stage.combine is not None or stage.reduce or stage.argmax or stage.accumulate:
         return None
-    reads = stage.reads()
-    if not any(tensor_of(r) in kernel.made for r in reads):
+    main = kernel.main
+    if not any(tensor_of(r) in kernel.made for r in stage.reads()):
         return None
-    nest = kernel.nests[0]
-    outer = nest.outer
-    if len(stage.domain) != len(outer) or any(e != ext for (_, e), (_, ext) in zip(stage.domain, outer)):
+    if len(stage.domain) != len(main.domain) or any(e != ext for (_, e), (_, ext) in zip(stage.domain, main.domain)):
         return None
     if tuple(stage.out_index) != tuple(Affine.var(v) for v, _ in stage.domain):
         return None
-    if stage.out in {tensor_of(r) for r in kernel.main.reads()}:
+    if stage.out in {tensor_of(r) for r in main.reads()}:
         return None
-    rename = {var(v): var(g) for (v, _), (g, _) in zip(stage.domain, outer)}
-    body = stage.body.xreplace(rename)
-    point = tuple(Affine.var(g) for g, _ in outer)
-    for r in body.atoms(sympy.Indexed):
-        if tensor_of(r) in kernel.made and tuple(Affine.from_sympy(i) for i in r.indices) != point:
-            return None
-    for s, earlier in kernel.epilogue:  # an earlier epilogue stage may read what this one overwrites,
-        for r in earlier.atoms(sympy.Indexed):  # but only at the same point (it runs first there)
-            if tensor_of(r) == stage.out and tuple(Affine.from_sympy(i) for i in r.indices) != point:
-                return None
+    body = stage.body.xreplace({var(v): var(m) for (v, _), (m, _) in zip(stage.domain, main.domain)})
+    point = tuple(Affine.var(m) for m, _ in main.domain)
+
+    def at_point(r):
+        return tuple(Affine.from_sympy(i) for i in r.indices) == point
+
+    if not all(at_point(r) for r in body.atoms(sympy.Indexed) if tensor_of(r) in kernel.made):
+        return None
+    if not all(at_point(r) for _, earlier in kernel.epilogue for r in earlier.atoms(sympy.Indexed)
+               if tensor_of(r) == stage.out):
+        return None
     others = [r for r in body.atoms(sympy.Indexed) if tensor_of(r) not in kernel.made]
-    shapes = shapes_of(prog, {tensor_of(r) for r in others})
-    if read_ranges(sympy.Add(*others), outer, shapes):
+    if read_ranges(sympy.Add(*others), main.domain, shapes_of(prog, {tensor_of(r) for r in others})):
         return None
-    template_ = kernel.templates[0][0]
-    if template_.kind in ("row", "tiled_row"):
-        loop_vars = {v for v, _ in nest.grid}
-        rest = body.xreplace({r: sympy.Symbol(f"made{k}") for k, r in enumerate(body.atoms(sympy.Indexed))
-                              if tensor_of(r) in kernel.made})
-        if not (vector_safe(rest, loop_vars, piecewise=True) and unit_stride_reads(rest, template_.row, prog)):
-            return None
+    rest = body.xreplace({r: sympy.Symbol(f"made{k}") for k, r in enumerate(body.atoms(sympy.Indexed))
+                          if tensor_of(r) in kernel.made})
+    for nest, templates in zip(kernel.nests, kernel.templates):
+        if templates[0].kind in ("row", "tiled_row"):  # the vector templates emit only some operations
+            there = substitute(rest, nest.subst)
+            if not (vector_safe(there, {v for v, _ in nest.grid}, piecewise=True)
+                    and unit_stride_reads(there, templates[0].row, prog)):
+                return None
     return body
-
-
-def movable(between: list[Stage], stage: Stage) -> bool:
-    """May ``stage`` run before ``between``? Only if none of them writes what it reads or
-    touches what it writes."""
-    reads = {tensor_of(r) for r in stage.reads()}
-    for s in between:
-        if s.out in reads or s.out == stage.out or set(s.argmax) & reads:
-            return False
-        if stage.out in {tensor_of(r) for r in s.reads()}:
-            return False
-    return True

@@ -131,6 +131,43 @@ def test_buffer_plan_never_overlaps_live_tensors():
     assert plan.arena_bytes < 0.7 * plan.unshared_bytes
 
 
+@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fused_train_steps_match_numpy(name, optimizer):
+    """Whole train phases (epilogues fused: bias, activations, the optimizer's update inside the
+    gradient kernels) against the NumPy backend, every working buffer poisoned first."""
+    build, shape = NETS[name]
+    opt = (cc.optim.SGD(lr=0.05, momentum=0.9, weight_decay=1e-3) if optimizer == "sgd"
+           else cc.optim.Adam(lr=1e-2, weight_decay=1e-3))
+    models = [cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend=b, seed=2, optimizer=opt)
+              for b in ("numpy", "llvm")]
+    rng = np.random.default_rng(5)
+    for step in range(2):
+        x = rng.standard_normal((5, *shape)).astype(np.float32)
+        y = rng.integers(0, 5, 5)
+        for model in models:
+            poison(model.executable, 5, share=model.executable.name == "llvm")
+        losses = [m.train_step(x, y) for m in models]
+        assert abs(losses[0] - losses[1]) <= 1e-5 * max(1.0, abs(losses[0]))
+    ref, got = (m.executable.state for m in models)
+    for k in ref:
+        scale = max(float(np.abs(ref[k]).max()), 1e-6)
+        assert np.abs(got[k] - ref[k]).max() / scale < 2e-5, k
+
+
+def test_schedule_fuses_elementwise_stages_and_updates_into_their_producers():
+    from cnncompile.ir.schedule import Scheduler
+    build, shape = NETS["lenet"]
+    model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy",
+                       optimizer=cc.optim.SGD(lr=0.1, momentum=0.9))
+    plan = {k.main.out: [s.out for s in k.stages[1:]] for k in Scheduler(model.prog).kernels("train")}
+    assert plan["0.out.conv"] == ["0.out", "1.out"]  # bias and ReLU in the convolution's epilogue
+    assert plan["dL/d0.weight"] == ["0.weight.momentum_buffer", "0.weight"]  # the update in the gradient's
+    assert len(plan) < len(model.prog.phase_stages("train"))
+    grads = {k.main.out: [s.out for s in k.stages[1:]] for k in Scheduler(model.prog).kernels("grads")}
+    assert grads["dL/d0.weight"] == []  # no update where gradients are only handed out
+
+
 def test_convolution_kernels_use_packed_fma_on_ymm(monkeypatch):
     monkeypatch.delenv("CNNCOMPILE_CHECK", raising=False)  # the production code, not the bounds-checked one
     build, shape = NETS["lenet"]

@@ -18,8 +18,9 @@ import sympy
 
 from cnncompile.ir.affine import Affine
 from cnncompile.ir.expr import PHASES, Program, tensor_of
+from cnncompile.ir.residue import substitute
 from cnncompile.ir.loops import BATCH_LAST, ClassNest, fm_bounds, shapes_of, stage_tensors
-from cnncompile.ir.schedule import Kernel, kernels, single
+from cnncompile.ir.schedule import Kernel, Scheduler
 from .emit import FAST, BodyWriter, FunctionWriter
 
 
@@ -27,8 +28,7 @@ class ModuleWriter:
     def __init__(self, prog: Program, ftype: str, prefix: str, checked: bool = False, fuse: bool = True):
         self.prog, self.ft, self.prefix, self.checked = prog, ftype, prefix, checked
         self.current_stage = 0
-        self.fuse = fuse
-        self.lanes = 8 if ftype == "float" else 4
+        self.scheduler = Scheduler(prog, checked, fuse, lanes=8 if ftype == "float" else 4)
         self.steps: dict[str, dict] = {}  # phase → stage (by id) → index of the kernel that runs it
         self.stage_index = {id(s): k for k, s in enumerate(prog.all_stages())}
         self.tensor_ids = {name: k for k, name in enumerate(prog.tensors)}
@@ -73,6 +73,7 @@ class ModuleWriter:
                                               fw.fconst(nest.identity)))
         if nest.empty:
             return
+        epilogue = [(s, substitute(body, nest.subst)) for s, body in epilogue]  # over this class's grid
         for term, tpl in zip(nest.terms, templates):
             args = (self, fw, stage.out, term.term, nest.out_index, shapes, ptr, tpl.row, tpl.extent, tpl.first_reduce)
             vector = {"row": lambda: RegisterRow(*args, fresh=tpl.fresh, epilogue=epilogue),
@@ -309,9 +310,9 @@ class ModuleWriter:
         """Each phase's kernels in order, and a driver per stage on its own (the NaN guard's
         replay, profiles)."""
         for phase in PHASES:
-            yield phase, kernels(self.prog, phase, self.checked, self.fuse, self.lanes)
+            yield phase, self.scheduler.kernels(phase)
         for n, stage in enumerate(self.all_stages()):
-            yield f"only{n}", [single(stage, self.prog, self.checked, self.lanes)]
+            yield f"only{n}", [self.scheduler.single(stage)]
 
     def driver(self, phase: str, calls) -> str:
         lines = ["entry:", "  %sense = alloca i32", "  %shared = getelementptr inbounds i32, ptr %bar, i64 1",
