@@ -72,7 +72,8 @@ def lower(stage: Stage, prog: Program) -> list[ClassNest]:
         nests.append(ClassNest(
             stage=stage, grid=grid, n_outer=geo.n_outer, subst=geo.subst,
             out_index=tuple(e.subs(geo.subst) for e in stage.out_index),
-            terms=tuple(TermNest(t, tuple(geo.constraints) + tuple(read_ranges(t, grid, shapes))) for t in terms),
+            terms=tuple(TermNest(t, tuple(c for c in list(geo.constraints) + read_ranges(t, grid, shapes)
+                                          if not implied(c, grid))) for t in terms),
             needs_init=needs_init, identity={"sum": 0.0, "max": float("-inf")}.get(stage.combine) or 0.0,
             empty=geo.empty))
     return nests
@@ -95,6 +96,15 @@ def read_ranges(term, grid, shapes) -> list[Box]:
                     continue
             out.append(Box(e, 0, size - 1))
     return out
+
+
+def implied(c: Box, grid) -> bool:
+    """Does the box alone guarantee the constraint (so it need not bound any loop)?"""
+    extents = dict(grid)
+    if not c.expr.is_integral() or not all(isinstance(extents.get(v), int) for v in c.expr.vars):
+        return False
+    lo, hi = c.expr.interval(extents)
+    return c.lo <= lo and hi <= c.hi
 
 
 def covers_outputs(nest: ClassNest, term: TermNest) -> bool:

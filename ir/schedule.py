@@ -50,6 +50,8 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
     order = loop_order(outer, reduce_)
     if not accumulate or checked:  # bounds-checked builds use plain loops only
         return Template("scalar", tuple(order), accumulate)
+    if single_term_per_output(nest, term):  # (max pooling's gradient: one gather per output)
+        return Template("scalar", tuple(order), False, fresh=True)
     row_order = [o for o, _ in outer[:-1]] + [r for r, _ in reduce_] + [outer[-1][0]] if outer else order
     if vectorizable(stage, term.term, nest.out_index, outer, reduce_, row_order, prog):
         fresh = not stage.accumulate and covers_outputs(nest, term)
@@ -70,10 +72,19 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
     return Template("scalar", tuple(order), accumulate)
 
 
+def single_term_per_output(nest: ClassNest, term: TermNest) -> bool:
+    """Does every output get exactly one term: a sum whose reduction variables each take one
+    value, unconstrained, in a nest that visits every output? Then plain loops can store it
+    without an initialisation pass or a reload."""
+    reduce_ = {v for v, _ in nest.reduce}
+    return (nest.stage.combine == "sum" and not nest.stage.accumulate and all(e == 1 for _, e in nest.reduce)
+            and covers_outputs(nest, term) and not any(c.expr.coeff(r) for c in term.constraints for r in reduce_))
+
+
 def loop_order(outer, reduce_) -> list[str]:
     """Outer variables, then reductions; the last outer one goes innermost when it is the longer."""
     names_out, names_red = [v for v, _ in outer], [v for v, _ in reduce_]
-    if len(outer) >= 2 and reduce_ and any(e != 1 for _, e in reduce_):  # (a sum over one point is no loop)
+    if len(outer) >= 2 and reduce_:
         last_out, last_red = outer[-1][1], reduce_[-1][1]
         batch_red = not isinstance(last_red, int)  # a sum over the batch (weight gradients): rows win
         if isinstance(last_out, int) and (last_out >= 16 if batch_red else last_out >= last_red):
