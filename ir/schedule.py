@@ -19,6 +19,7 @@ touches what it reads or writes. Kernels are separated by the threads' barrier.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import prod
 
 import sympy
 
@@ -41,11 +42,25 @@ class Template:
     tile: tuple | None = None  # a tiled reduction row's (variable, extent); a tiled row's (variable, size, extent)
     several: bool = False  # a reduction row with other reduction loops around it
     fresh: bool = False  # every output is written once, whole: no initialisation, no reload
+    block: tuple | None = None  # a tiled reduction row's blocked output variable: (variable, size, extent)
+
+    @property
+    def split(self) -> tuple:
+        """The threads' variable (the outermost loop) and the unit they share it in: a block's
+        size where it is a block's variable. Every nest writing the same outputs without a barrier
+        between (initialisation, terms) must split the same way."""
+        blocked = self.block or (self.tile if self.kind == "tiled_row" else None)
+        first = self.order[0] if self.order else None
+        return first, (blocked[1] if blocked and blocked[0] == first else 1)
 
 
 def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = False, lanes: int = 8) -> Template:
-    """``lanes``: floats per vector register (8 for float32, 4 for float64 on AVX2)."""
+    """``lanes``: floats per vector register (8 for float32, 4 for float64 on AVX2). A class with
+    several terms keeps its first output variable outermost and unblocked in every term's nest,
+    so that all of them (and the initialisation) give each thread the same outputs."""
     stage, outer, reduce_ = nest.stage, nest.outer, nest.reduce
+    free = len(nest.terms) == 1 and bool(outer)
+    movable = [v for v, _ in outer] if free else [v for v, _ in outer[1:]]  # may be blocked or reordered
     accumulate = stage.accumulate or nest.needs_init
     order = loop_order(outer, reduce_)
     if not accumulate or checked:  # bounds-checked builds use plain loops only
@@ -56,20 +71,38 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
     if vectorizable(stage, term.term, nest.out_index, outer, reduce_, row_order, prog):
         fresh = not stage.accumulate and covers_outputs(nest, term)
         row, extent = row_order[-1], dict(nest.grid)[row_order[-1]]
-        tile = output_tile(term, outer, row, extent, lanes)
+        tile = output_tile(term, [(v, e) for v, e in outer if v in movable], row, extent, lanes)
         if tile is not None:
-            return Template("tiled_row", tuple(tiled_order(outer, reduce_, row, tile[0])), accumulate, row, extent,
-                            len(outer) - 1, tile=tile, fresh=fresh)
+            return Template("tiled_row", tuple(tiled_order(outer, reduce_, row, tile[0], free)), accumulate, row,
+                            extent, len(outer) - 1, tile=tile, fresh=fresh)
         return Template("row", tuple(row_order), accumulate, row, extent, len(outer) - 1, fresh=fresh)
     if reduction_vectorizable(stage, term.term, nest.out_index, outer, reduce_, order, prog):
         r, extent = order[-1], dict(nest.grid)[order[-1]]
         tile = row_tile(stage, term.term, outer, reduce_, r, term.constraints, prog)
         if tile is not None:
+            block = reduction_block(term, [(v, e) for v, e in outer if v in movable], r, extent, tile, lanes)
             return Template("tiled_reduction_row", tuple(o for o in order if o != tile[0]), accumulate, r, extent,
-                            len(outer) - 1, tile=tile)
+                            len(outer) - 1, tile=tile, block=block)
         return Template("reduction_row", tuple(order), accumulate, r, extent, len(outer),
                         several=len(reduce_) > 1)
-    return Template("scalar", tuple(order), accumulate)
+    return Template("scalar", tuple(batch_inward(order, nest, term, prog) if free else order), accumulate)
+
+
+def batch_inward(order: list, nest: ClassNest, term: TermNest, prog: Program) -> list:
+    """Plain loops of a sum whose largest read does not depend on the batch (a dense layer's
+    weights): the batch loop goes innermost among the outputs, so that each weight row is read
+    once from memory for the whole batch instead of once per example."""
+    outer = [v for v, _ in nest.outer]
+    batch = [v for v, e in nest.outer if not isinstance(e, int)]
+    if not batch or not nest.reduce or set(order[:len(outer)]) != set(outer) or len(outer) < 2:
+        return order
+    reads = list(term.term.atoms(sympy.Indexed))
+    size = {r: prod(d for d in prog.tensors[tensor_of(r)].shape if isinstance(d, int)) for r in reads}
+    largest = max(reads, key=lambda r: size[r], default=None)
+    if largest is None or mentions(largest, batch[0]):
+        return order
+    head = [v for v in order[:len(outer)] if v != batch[0]]
+    return head + [batch[0]] + order[len(outer):]
 
 
 def single_term_per_output(nest: ClassNest, term: TermNest) -> bool:
@@ -176,15 +209,58 @@ def output_tile(term: TermNest, outer, row: str, extent: int, lanes: int):
     return best
 
 
-def tiled_order(outer, reduce_, row: str, u: str) -> list[str]:
-    """Outer variables (the longest other than the block's first: the threads split it; the
-    block's variable steps by its size), then the reductions, then the row."""
+def tiled_order(outer, reduce_, row: str, u: str, free: bool) -> list[str]:
+    """Outer variables (``free``: the longest other than the block's first, for the threads to
+    split; else the first stays first), the block's variable (stepped by its size), then the
+    reductions, then the row."""
     rest = [v for v, _ in outer if v not in (row, u)]
     extents = dict(outer)
-    if rest:
+    if rest and free:
         first = max(rest, key=lambda v: 10 ** 9 if not isinstance(extents[v], int) else extents[v])
         rest = [first] + [v for v in rest if v != first]
     return rest + [u] + [r for r, _ in reduce_] + [row]
+
+
+MAX_BLOCK_ACCUMULATORS = 12
+
+
+def reduction_block(term: TermNest, outer, r: str, extent: int, tile: tuple, lanes: int):
+    """A second output variable ``u`` to block beside a tiled reduction row (output channels of a
+    filter gradient, beside its kernel column): the reads with ``u`` (the output gradient) are
+    free of the tile's variable, so one load serves every kernel column; they run along the row
+    at offset 0 and stay inside their tensor over the whole row, so that load may take the row's
+    full extent (the term is still 0 outside each column's range: it is a product with a read
+    that carries the tile's variable and its exact mask). Returns (u, size, extent) or None."""
+    tile_var, tile_extent = tile
+    term_ = term.term
+    reads = list(term_.atoms(sympy.Indexed))
+    precise = [x for x in reads if mentions(x, tile_var) and Affine.from_sympy(x.indices[-1]).coeff(r)]
+    if not isinstance(term_, sympy.Mul) or not any(x in term_.args for x in precise):
+        return None
+    chunks = -(-extent // lanes)
+    for u, ext in outer:
+        if u == tile_var or not isinstance(ext, int) or any(c.expr.coeff(u) for c in term.constraints):
+            continue
+        with_u = [x for x in reads if mentions(x, u)]
+        if not with_u or any(mentions(x, tile_var) for x in with_u):
+            continue
+        if not all(whole_row(x, r, extent) for x in with_u):
+            continue
+        size = max((t for t in range(2, 9) if ext % t == 0 and t * tile_extent * chunks <= MAX_BLOCK_ACCUMULATORS),
+                   default=None)
+        if size is not None:
+            return u, size, ext
+    return None
+
+
+def mentions(read: sympy.Indexed, v: str) -> bool:
+    return any(Affine.from_sympy(i).coeff(v) for i in read.indices)
+
+
+def whole_row(read: sympy.Indexed, r: str, extent: int) -> bool:
+    """Is the read's last index the row variable itself, in range over the whole row?"""
+    last = Affine.from_sympy(read.indices[-1])
+    return last == Affine.var(r) and not any(Affine.from_sympy(i).coeff(r) for i in read.indices[:-1])
 
 
 def row_tile(stage, term, outer, reduce_, r, constraints, prog):
@@ -301,7 +377,7 @@ def epilogue_host(kernel: Kernel) -> bool:
         if nest.empty or len(nest.terms) != 1 or not covers_outputs(nest, nest.terms[0]):
             return False
         if templates[0].kind == "scalar":
-            if tuple(templates[0].order[:nest.n_outer]) != tuple(v for v, _ in nest.outer):
+            if set(templates[0].order[:nest.n_outer]) != {v for v, _ in nest.outer}:
                 return False
         elif main.combine != "sum":
             return False

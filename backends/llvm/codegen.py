@@ -68,9 +68,11 @@ class ModuleWriter:
         shapes = shapes_of(self.prog, tensors)
         ptr = {t: f"%a{j}" for j, t in enumerate(tensors)}
         if nest.needs_init and not (nest.terms and all(t.fresh for t in templates)):
-            self.nest(fw, outer, [o for o, _ in outer], [], bool(outer),
+            first, unit = templates[0].split if templates else (None, 1)  # the threads share outputs alike
+            order = [o for o, _ in outer if o == first] + [o for o, _ in outer if o != first]
+            self.nest(fw, outer, order, [], bool(outer),
                       lambda vals: self.store(fw, stage.out, nest.out_index, vals, shapes, ptr,
-                                              fw.fconst(nest.identity)))
+                                              fw.fconst(nest.identity)), unit=unit)
         if nest.empty:
             return
         epilogue = [(s, substitute(body, nest.subst)) for s, body in epilogue]  # over this class's grid
@@ -79,7 +81,8 @@ class ModuleWriter:
             vector = {"row": lambda: RegisterRow(*args, fresh=tpl.fresh, epilogue=epilogue),
                       "tiled_row": lambda: TiledRow(*args, tile=tpl.tile, fresh=tpl.fresh, epilogue=epilogue),
                       "reduction_row": lambda: ReductionRow(*args, several=tpl.several, epilogue=epilogue),
-                      "tiled_reduction_row": lambda: TiledReductionRow(*args, tile=tpl.tile, epilogue=epilogue),
+                      "tiled_reduction_row": lambda: TiledReductionRow(*args, tile=tpl.tile, block=tpl.block,
+                                                                       epilogue=epilogue),
                       "scalar": lambda: None}[tpl.kind]()
             finish = None
             if vector is None and epilogue:  # plain loops: the epilogue once the reductions are done
@@ -102,10 +105,12 @@ class ModuleWriter:
             made[stage.out] = writer.as_float(writer.emit(body))
             self.store(fw, stage.out, out_index, vals, shapes, ptr, made[stage.out])
 
-    def nest(self, fw, grid, order, constraints, split: bool, statement, vector=None, finish=None) -> None:
+    def nest(self, fw, grid, order, constraints, split: bool, statement, vector=None, finish=None, unit=1) -> None:
         """Loops in ``order`` with Fourier–Motzkin bounds; the first loop (an output variable) is
         split over the threads; without output variables thread 0 runs the whole nest.
-        ``finish = (level, emit)``: ``emit`` runs at that loop level after the loops inside it."""
+        ``finish = (level, emit)``: ``emit`` runs at that loop level after the loops inside it.
+        ``unit``: the threads split the outermost loop in whole units (the blocks of another nest
+        over the same outputs)."""
         extents = dict(grid)
         bounds = fm_bounds(order, grid, constraints)
         if bounds is None:
@@ -143,9 +148,14 @@ class ModuleWriter:
                 lo = self.bound(fw, bounds[v][0], vals, lower=True)
                 hi = self.bound(fw, bounds[v][1], vals, lower=False)
             if k == 0 and split:  # this thread's share of the outermost loop
-                n = str(stepped[2] // stepped[1]) if stepped is not None and v == stepped[0] else extent_value(extents[v])
+                blocks = stepped is not None and v == stepped[0]
+                n = str(stepped[2] // stepped[1]) if blocks else extent_value(extents[v])
+                if unit > 1:  # in whole units
+                    n = str(extents[v] // unit)
                 start = fw.op(f"sdiv i64 {fw.imul(n, '%tid')}, %nt")
                 next_start = fw.op(f"sdiv i64 {fw.imul(n, fw.iadd('%tid', 1))}, %nt")
+                if unit > 1:
+                    start, next_start = fw.imul(start, unit), fw.imul(next_start, unit)
                 stop = fw.op(f"sub nsw i64 {next_start}, 1")
                 lo, hi = fw.smax(lo, start), fw.smin(hi, stop)
 
@@ -464,9 +474,10 @@ class RegisterRow:
         if made and isinstance(e, sympy.Indexed) and tensor_of(e) in made:
             return made[tensor_of(e)]
         if self.shared is not None and isinstance(e, sympy.Indexed) and self.free_of_block(e):
-            key = (e, vals[self.v])  # one load for every row of a block
-            if key not in self.shared:
-                self.shared[key] = self.emit_read(e, vals, mask)
+            wide = self.whole_row_mask(e, vals)
+            key = (e, wide is not None) + tuple(vals.get(str(v)) for v in sorted(e.free_symbols, key=str))
+            if key not in self.shared:  # one load for every row of a block that reads the same
+                self.shared[key] = self.emit_read(e, vals, wide or mask)
             return self.shared[key]
         if isinstance(e, sympy.Indexed):
             return self.emit_read(e, vals, mask)
@@ -483,6 +494,9 @@ class RegisterRow:
 
     def free_of_block(self, e) -> bool:
         return False
+
+    def whole_row_mask(self, e, vals):
+        return None
 
     def emit_read(self, e, vals, mask) -> str:
         """A read along the row (masked vector load), or free of it (one load, broadcast)."""
@@ -599,39 +613,71 @@ class ReductionRow(RegisterRow):
 
 
 class TiledReductionRow(ReductionRow):
-    """A reduction row for each value of a small output variable at once: the broadcast reads
-    are loaded once for all of them (fewer loads per FMA) and the rows are independent chains."""
+    """A reduction row for each value of a small output variable at once (a kernel column), and
+    optionally for a block of another one (output channels, stepped by the nest): a read free of
+    a tile's or block's variable is loaded once for all of its rows; the rows are independent
+    chains. Reads with the block's variable (the output gradient) are loaded over the row's whole
+    extent, so that one load serves every kernel column; each column's read carries its exact mask."""
 
-    def __init__(self, *args, tile, epilogue=()):
+    def __init__(self, *args, tile, block=None, epilogue=()):
         super().__init__(*args, several=False, epilogue=epilogue)
         self.tile_var, self.tile_extent = tile
-        self.tiles = [self.accs[0]]
-        for _ in range(self.tile_extent - 1):
-            row = []
-            for _ in range(self.chunks):
-                slot = self.fw.fresh("acc")
-                self.fw.allocas.append(f"  {slot} = alloca {self.vt}")
-                row.append(slot)
-            self.tiles.append(row)
+        self.block = block
+        self.grid = [(b, t) for b in range(block[1] if block else 1) for t in range(self.tile_extent)]
+        self.tiles = {key: (self.accs[0] if k == 0 else self.new_row()) for k, key in enumerate(self.grid)}
+
+    def new_row(self) -> list[str]:
+        row = []
+        for _ in range(self.chunks):
+            slot = self.fw.fresh("acc")
+            self.fw.allocas.append(f"  {slot} = alloca {self.vt}")
+            row.append(slot)
+        return row
 
     def begin(self) -> None:
-        for row in self.tiles:
+        for row in self.tiles.values():
             for slot in row:
                 self.fw.raw(f"store {self.vt} zeroinitializer, ptr {slot}")
 
-    def innermost(self, vals, row_bounds) -> None:
-        for t, accs in enumerate(self.tiles):
+    def free_of_block(self, e) -> bool:
+        return self.block is not None
+
+    def whole_row_mask(self, e, vals):
+        """Reads with the block's variable: the row's whole extent (they are inside it there)."""
+        if self.block is None or not any(Affine.from_sympy(i).coeff(self.block[0]) for i in e.indices):
+            return None
+        return self.lane_mask(int(vals[self.v]) // self.lanes, "0", str(self.extent - 1))
+
+    def each(self, vals, action) -> None:
+        base = vals.get(self.block[0]) if self.block else None
+        for b, t in self.grid:
             vals[self.tile_var] = str(t)
-            self.accumulate_row(vals, row_bounds(), accs)
-            vals.pop(self.tile_var, None)
+            if self.block:
+                vals[self.block[0]] = self.fw.iadd(base, b)
+            action((b, t))
+        del vals[self.tile_var]
+        if self.block:
+            vals[self.block[0]] = base
+
+    def innermost(self, vals, row_bounds) -> None:
+        bounds = {}
+
+        def accumulate(key):
+            if key[1] not in bounds:  # the row's range depends on the kernel column only
+                bounds[key[1]] = row_bounds()
+            self.accumulate_row(vals, bounds[key[1]], self.tiles[key])
+
+        self.shared = {}
+        self.each(vals, accumulate)
+        self.shared = None
 
     def end(self, vals) -> None:
-        for t, accs in enumerate(self.tiles):
-            vals[self.tile_var] = str(t)
-            self.accs = [accs]
-            super().end(vals)
-            del vals[self.tile_var]
-        self.accs = [self.tiles[0]]
+        def finish(key):
+            self.accs = [self.tiles[key]]
+            ReductionRow.end(self, vals)
+
+        self.each(vals, finish)
+        self.accs = [self.tiles[self.grid[0]]]
 
 
 def extent_value(ext) -> str:
