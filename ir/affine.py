@@ -122,6 +122,19 @@ class Box:
     lo: int
     hi: int
 
+    def bounds_on(self, v: str) -> tuple[Affine, Affine, int]:
+        """The constraint solved for ``v`` (Fourier–Motzkin): ``(lo_num, hi_num, div)`` with
+        ``⌈lo_num/div⌉ ≤ v ≤ ⌊hi_num/div⌋``, integer coefficients and ``div > 0``."""
+        a = self.expr.coeff(v)
+        rest = self.expr - Affine.make({v: a})
+        # lo ≤ a·v + rest ≤ hi  ⇒  v between (lo − rest)/a and (hi − rest)/a
+        lo_num, hi_num = rest.scale(-1) + self.lo, rest.scale(-1) + self.hi
+        scale = lo_num.denominator_lcm() * hi_num.denominator_lcm() * a.denominator
+        lo_num, hi_num, div = lo_num.scale(scale), hi_num.scale(scale), int(a * scale)
+        if div < 0:
+            lo_num, hi_num, div = hi_num.scale(-1), lo_num.scale(-1), -div
+        return lo_num, hi_num, div
+
 
 @dataclass(frozen=True)
 class Divides:

@@ -92,14 +92,7 @@ def var_bounds(stage: Stage) -> dict[str, tuple[list, list]]:
         if not inner:
             continue
         v = inner[-1]
-        a = box.expr.coeff(v)
-        rest = box.expr - Affine.make({v: a})
-        # lo ≤ a·v + rest ≤ hi  ⇒  v between (lo − rest)/a and (hi − rest)/a
-        lo_num, hi_num = (rest.scale(-1) + box.lo), (rest.scale(-1) + box.hi)
-        scale = lo_num.denominator_lcm() * hi_num.denominator_lcm() * a.denominator
-        lo_num, hi_num, div = lo_num.scale(scale), hi_num.scale(scale), int(a * scale)
-        if div < 0:
-            lo_num, hi_num, div = hi_num.scale(-1), lo_num.scale(-1), -div
+        lo_num, hi_num, div = box.bounds_on(v)
         out[v][0].append((lo_num, div))
         out[v][1].append((hi_num, div))
     return out

@@ -130,13 +130,7 @@ def fm_bounds(order: list, grid, constraints) -> dict | None:
                 return None
             continue
         v = max(present, key=position.get)
-        a = c.expr.coeff(v)
-        rest = c.expr - Affine.make({v: a})
-        lo_num, hi_num = rest.scale(-1) + c.lo, rest.scale(-1) + c.hi
-        scale = lo_num.denominator_lcm() * hi_num.denominator_lcm() * a.denominator
-        lo_num, hi_num, div = lo_num.scale(scale), hi_num.scale(scale), int(a * scale)
-        if div < 0:
-            lo_num, hi_num, div = hi_num.scale(-1), lo_num.scale(-1), -div
+        lo_num, hi_num, div = c.bounds_on(v)
         bounds[v][0].append((lo_num, div))
         bounds[v][1].append((hi_num, div))
     return bounds

@@ -381,14 +381,16 @@ class RegisterRow:
         self.partial, self.valid = 0, None
         self.shared = None  # a block's loads shared by its rows (see TiledRow)
         self.zero_outside = zero_when_masked(term, v)
-        self.accs = []
-        for _ in range(self.partials):
-            row = []
-            for _ in range(self.chunks):
-                slot = fw.fresh("acc")
-                fw.allocas.append(f"  {slot} = alloca {self.vt}")
-                row.append(slot)
-            self.accs.append(row)
+        self.accs = [self.new_row() for _ in range(self.partials)]
+
+    def new_row(self) -> list[str]:
+        """Accumulators for one row: a vector register (an alloca LLVM promotes) per chunk."""
+        row = []
+        for _ in range(self.chunks):
+            slot = self.fw.fresh("acc")
+            self.fw.allocas.append(f"  {slot} = alloca {self.vt}")
+            row.append(slot)
+        return row
 
     def splat(self, scalar: str, ty: str | None = None) -> str:
         ty = ty or self.fw.ft
@@ -547,14 +549,6 @@ class TiledRow(RegisterRow):
         self.partials, self.accs = 1, self.accs[:1]
         self.tiles = [self.accs[0]] + [self.new_row() for _ in range(tile[1] - 1)]
 
-    def new_row(self) -> list[str]:
-        row = []
-        for _ in range(self.chunks):
-            slot = self.fw.fresh("acc")
-            self.fw.allocas.append(f"  {slot} = alloca {self.vt}")
-            row.append(slot)
-        return row
-
     def free_of_block(self, e) -> bool:
         return not any(Affine.from_sympy(i).coeff(self.block[0]) for i in e.indices)
 
@@ -625,14 +619,6 @@ class TiledReductionRow(ReductionRow):
         self.block = block
         self.grid = [(b, t) for b in range(block[1] if block else 1) for t in range(self.tile_extent)]
         self.tiles = {key: (self.accs[0] if k == 0 else self.new_row()) for k, key in enumerate(self.grid)}
-
-    def new_row(self) -> list[str]:
-        row = []
-        for _ in range(self.chunks):
-            slot = self.fw.fresh("acc")
-            self.fw.allocas.append(f"  {slot} = alloca {self.vt}")
-            row.append(slot)
-        return row
 
     def begin(self) -> None:
         for row in self.tiles.values():
