@@ -1,8 +1,8 @@
-"""Where a train step's time goes: every stage of a network run alone (LLVM backend), medians.
+"""Where a train step's time goes: every kernel of the train phase run alone (LLVM backend), medians.
 
 Summing stages also get GFLOP/s (bench/flops.py) and their share of the machine's sgemm ceiling
-(bench/sgemm.py, or ``--ceiling``). A stage run alone pays a fixed call overhead (Python, ctypes,
-waking the worker threads), taken as the cheapest stage's time and subtracted before GFLOP/s.
+(bench/sgemm.py, or ``--ceiling``). A kernel run alone pays a fixed call overhead (Python, ctypes,
+waking the worker threads), taken as the cheapest kernel's time and subtracted before GFLOP/s.
 
     python bench/profile_stages.py examples/lenet5.py [--batch 64] [--top 20] [--ceiling GFLOPS]
 """
@@ -20,24 +20,21 @@ from flops import stage_flops, train_flops
 from sgemm import sgemm_ceiling
 
 
-def stage_times(model, batch: int, repeats: int) -> list[tuple[float, int, object]]:
-    exe = model.executable
-    stages = model.prog.all_stages()
-    train = [k for k, s in enumerate(stages) if (s.mode in ("any", "train"))]
+def kernel_times(model, batch: int, repeats: int) -> list[tuple[float, int, list]]:
+    """Median time of each kernel of the train phase run alone (a stage and the stages fused
+    into its epilogue), on the buffers of a step just taken."""
+    exe, phase = model.executable, "train"
+    scalars = model.optimizer.scalars(model.step + 1)
     out = []
-    for k in train:
-        exe.run_stage(k, batch, model_scalars(model))
+    for j, stages in enumerate(exe.units(phase)):
+        exe.run_unit(phase, j, batch, scalars)
         samples = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            exe.run_stage(k, batch, model_scalars(model))
+            exe.run_unit(phase, j, batch, scalars)
             samples.append(time.perf_counter() - t0)
-        out.append((statistics.median(samples), k, stages[k]))
+        out.append((statistics.median(samples), j, stages))
     return out
-
-
-def model_scalars(model) -> dict:
-    return dict(getattr(model, "scalars", {}) or {})
 
 
 def main() -> None:
@@ -57,7 +54,7 @@ def main() -> None:
     y = rng.integers(0, 10, batch)
     model.train_step(x, y)
     step = statistics.median(timed_steps(model, x, y, args.repeats))
-    times = stage_times(model, batch, args.repeats)
+    times = kernel_times(model, batch, args.repeats)
     ceiling = args.ceiling or sgemm_ceiling(model.executable.threads)
     total = sum(t for t, _, _ in times)
     overhead = min(t for t, _, _ in times)
@@ -65,11 +62,13 @@ def main() -> None:
     print(f"train step {step * 1e3:.2f} ms = {step_gflops:.1f} GFLOP/s (conv/linear work, bench/flops.py), "
           f"{100 * step_gflops / ceiling:.1f}% of the sgemm ceiling {ceiling:.1f} GFLOP/s "
           f"({model.executable.threads} threads)")
-    print(f"stages run alone sum to {total * 1e3:.2f} ms ({len(times)} stages, one call each); "
-          f"GFLOP/s after subtracting a call's overhead, {overhead * 1e3:.3f} ms (the cheapest stage)")
-    for t, k, s in sorted(times, key=lambda r: -r[0])[:args.top]:
+    print(f"kernels run alone sum to {total * 1e3:.2f} ms ({len(times)} kernels, one call each); "
+          f"GFLOP/s after subtracting a call's overhead, {overhead * 1e3:.3f} ms (the cheapest kernel)")
+    for t, j, stages in sorted(times, key=lambda r: -r[0])[:args.top]:
+        s, fused = stages[0], len(stages) - 1
         print(f"{t * 1e3:8.3f} ms {100 * t / total:5.1f}% {rate(stage_flops(s, batch), t, overhead, ceiling)}  "
-              f"#{k:<3d} {s.role:8s} {s.layer:14s} {s.out:22s} {'wrt ' + s.wrt if s.wrt else ''}")
+              f"#{j:<3d} {s.role:8s} {s.layer:14s} {s.out:22s} {'wrt ' + s.wrt if s.wrt else ''}"
+              f"{f' (+{fused} fused)' if fused else ''}")
 
 
 def rate(flops, seconds, overhead, ceiling) -> str:

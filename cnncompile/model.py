@@ -170,21 +170,19 @@ class Model:
         return loss, [env[t.name] for _, t in self.heads]
 
     def _report_nonfinite(self, saved: dict, phase: str, batch: int, scalars: dict):
-        """Restore the state from before the step, replay it one stage at a time, and name the
-        first stage whose output is not finite."""
+        """Restore the state from before the step, replay it one kernel (fused stages) at a time,
+        and name the first stage whose output is not finite."""
         def restore():
             for n, a in saved.items():
                 self.executable.state[n][...] = a
 
         restore()
-        all_stages = self.prog.all_stages()
-        index = {id(s): k for k, s in enumerate(all_stages)}
         culprit = None
-        for _, _, stage in self.prog.phase_stages(phase):
-            env = self.executable.run_stage(index[id(stage)], batch, scalars)
-            out = env[stage.out]
-            if out.dtype.kind == "f" and not np.isfinite(out).all():
-                culprit = stage
+        for j, stages in enumerate(self.executable.units(phase)):  # stages, or kernels of fused stages
+            env = self.executable.run_unit(phase, j, batch, scalars)
+            culprit = next((s for s in stages if env[s.out].dtype.kind == "f" and not np.isfinite(env[s.out]).all()),
+                           None)
+            if culprit is not None:
                 break
         restore()
         from .explain import format_stage

@@ -30,6 +30,7 @@ class ModuleWriter:
         self.current_stage = 0
         self.scheduler = Scheduler(prog, checked, fuse, lanes=8 if ftype == "float" else 4)
         self.steps: dict[str, dict] = {}  # phase → stage (by id) → index of the kernel that runs it
+        self.units: list[list[int]] = []  # the train phase's kernels, as indices into prog.all_stages()
         self.stage_index = {id(s): k for k, s in enumerate(prog.all_stages())}
         self.tensor_ids = {name: k for k, name in enumerate(prog.tensors)}
         self.scalar_names = sorted({s.name for st in self.all_stages() for s in st.body.free_symbols
@@ -317,12 +318,15 @@ class ModuleWriter:
         return ["\n".join(first)] + ["\n".join([head, *b]) for b in bins[1:] if b]
 
     def phase_kernels(self):
-        """Each phase's kernels in order, and a driver per stage on its own (the NaN guard's
-        replay, profiles)."""
+        """Each phase's kernels in order, and a driver per kernel of the train phase (the NaN
+        guard replays a step kernel by kernel; profiles time them)."""
         for phase in PHASES:
-            yield phase, self.scheduler.kernels(phase)
-        for n, stage in enumerate(self.all_stages()):
-            yield f"only{n}", [self.scheduler.single(stage)]
+            plan = self.scheduler.kernels(phase)
+            yield phase, plan
+            if phase == UNITS_PHASE:
+                self.units = [[self.stage_index[id(s)] for s in kernel.stages] for kernel in plan]
+                for j, kernel in enumerate(plan):
+                    yield f"{UNITS_PHASE}_u{j}", [kernel]
 
     def driver(self, phase: str, calls) -> str:
         lines = ["entry:", "  %sense = alloca i32", "  %shared = getelementptr inbounds i32, ptr %bar, i64 1",
@@ -340,6 +344,9 @@ class ModuleWriter:
         lines.append("  ret void")
         return (f"define void @{self.prefix}_{phase}(ptr %bufs, ptr %scalars, i64 %B, i64 %tid, i64 %nt, ptr %bar) "
                 "{\n" + "\n".join(lines) + "\n}\n")
+
+
+UNITS_PHASE = "train"  # the phase whose kernels can also be run one at a time
 
 
 def zero_when_masked(e, v) -> bool:

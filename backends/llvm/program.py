@@ -14,7 +14,7 @@ import numpy as np
 
 from cnncompile.ir.buffers import PERSISTENT, plan_buffers
 from cnncompile.ir.expr import BATCH, PHASES, Program
-from .codegen import ModuleWriter
+from .codegen import UNITS_PHASE, ModuleWriter
 from .jit import Compiled, compile_workers, fingerprint
 
 ALIGN = 64
@@ -80,7 +80,7 @@ class LLVMExecutable:
         writer = ModuleWriter(prog, ftype, placeholder, checked=self.checked)
         texts = writer.modules(compile_workers())
         self.scalar_names = writer.scalar_names
-        self.steps = writer.steps
+        self.steps, self.unit_stages = writer.steps, writer.units
         prefix = "cc_" + fingerprint("\n".join(texts))[:16]
         parts = [t.replace(placeholder, prefix) for t in texts]
         self.ir_text = "\n".join(parts)
@@ -88,7 +88,7 @@ class LLVMExecutable:
             if prefix not in _loaded:
                 _loaded[prefix] = Compiled(parts, use_cache)
         self.compiled = _loaded[prefix]
-        names = list(PHASES) + [f"only{k}" for k in range(len(prog.all_stages()))]
+        names = list(PHASES) + [f"{UNITS_PHASE}_u{j}" for j in range(len(self.unit_stages))]
         self.phases = {p: PHASE_SIGNATURE(self.compiled.address(f"{prefix}_{p}")) for p in names}
         self.state = {n: self.allocate(s, 1) for n, s in prog.tensors.items() if s.role in PERSISTENT}
         self.bound: dict[int, tuple] = {}
@@ -129,9 +129,18 @@ class LLVMExecutable:
             self.bound[(batch, share)] = (env, pointers)
         return self.bound[(batch, share)]
 
-    def run_stage(self, index: int, batch: int, scalars: dict | None = None, share: bool = True) -> Env:
-        """Only stage ``index`` of ``prog.all_stages()`` (the NaN guard replays a step this way)."""
-        return self.run(f"only{index}", batch, {}, scalars, share)
+    def units(self, phase: str) -> list[list]:
+        """The phase's kernels, each as the stages it runs, in order (the train phase only)."""
+        if phase != UNITS_PHASE:
+            raise ValueError(f"internal: kernels run one at a time in the {UNITS_PHASE} phase only, not {phase}")
+        stages = self.prog.all_stages()
+        return [[stages[k] for k in unit] for unit in self.unit_stages]
+
+    def run_unit(self, phase: str, index: int, batch: int, scalars: dict | None = None, share: bool = True) -> Env:
+        """Only kernel ``index`` of ``units(phase)``, on the buffers as the last run left them
+        (the NaN guard replays a step this way)."""
+        self.units(phase)
+        return self.run(f"{phase}_u{index}", batch, {}, scalars, share)
 
     def run(self, phase: str, batch: int, feeds: dict, scalars: dict | None = None, share: bool = True) -> Env:
         """Run a phase; ``feeds`` must already be validated arrays of the planned shapes."""

@@ -56,13 +56,14 @@ class NumpyExecutable:
             runners[part][k](env)
         return env
 
-    def run_stage(self, index: int, batch: int, scalars: dict | None = None, share: bool = True) -> Env:
-        """Only stage ``index`` of ``prog.all_stages()`` (the NaN guard replays a step this way)."""
+    def units(self, phase: str) -> list[list]:
+        """The phase's stages, one at a time."""
+        return [[stage] for _, _, stage in self.prog.phase_stages(phase)]
+
+    def run_unit(self, phase: str, index: int, batch: int, scalars: dict | None = None, share: bool = True) -> Env:
+        """Only stage ``index`` of ``units(phase)`` (the NaN guard replays a step this way)."""
         env, runners = self.bind(batch)
         env.scalars.update(scalars or {})
-        for part in ("forward", "loss", "backward", "update"):
-            if index < len(runners[part]):
-                runners[part][index](env)
-                return env
-            index -= len(runners[part])
-        raise IndexError("internal: no such stage")
+        part, k, _ = self.prog.phase_stages(phase)[index]
+        runners[part][k](env)
+        return env
