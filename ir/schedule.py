@@ -311,6 +311,7 @@ class Scheduler:
         self.prog, self.checked, self.fuse, self.lanes = prog, checked, fuse, lanes
         self.lowered: dict[int, tuple] = {}  # id(stage) → (nests, templates); stages live in prog
         self.read_sets: dict[int, set] = {}
+        self.epilogues: dict[tuple, object] = {}
 
     def single(self, stage: Stage) -> Kernel:
         """One stage as a kernel of its own."""
@@ -342,13 +343,20 @@ class Scheduler:
         while k < len(remaining):
             stage = remaining[k]
             if self.reads(stage) & kernel.made:
-                body = epilogue_body(kernel, stage, self.prog)
+                body = self.epilogue_body(kernel, stage)
                 if body is not None and self.movable(remaining[:k], stage):
                     kernel.epilogue.append((stage, body))
                     remaining.pop(k)
                     k = 0  # a later stage may now read what this one made
                     continue
             k += 1
+
+    def epilogue_body(self, kernel: Kernel, stage: Stage):
+        """`epilogue_body`, remembered: every phase asks again about the same stages."""
+        key = (id(kernel.main), tuple(id(s) for s in kernel.stages), id(stage))
+        if key not in self.epilogues:
+            self.epilogues[key] = epilogue_body(kernel, stage, self.prog)
+        return self.epilogues[key]
 
     def movable(self, between: list[Stage], stage: Stage) -> bool:
         """May ``stage`` run before ``between``? Only if none of them writes what it reads or

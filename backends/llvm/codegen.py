@@ -31,6 +31,7 @@ class ModuleWriter:
         self.scheduler = Scheduler(prog, checked, fuse, lanes=8 if ftype == "float" else 4)
         self.steps: dict[str, dict] = {}  # phase → stage (by id) → index of the kernel that runs it
         self.units: list[list[int]] = []  # the train phase's kernels, as indices into prog.all_stages()
+        self.kernel_functions: dict[tuple, tuple] = {}  # stages (by id) → (function name, its tensors)
         self.stage_index = {id(s): k for k, s in enumerate(prog.all_stages())}
         self.tensor_ids = {name: k for k, name in enumerate(prog.tensors)}
         self.scalar_names = sorted({s.name for st in self.all_stages() for s in st.body.free_symbols
@@ -45,7 +46,14 @@ class ModuleWriter:
 
     # ----- one kernel ----------------------------------------------------------------------------
     def kernel_function(self, kernel: Kernel) -> tuple[str, list[str]]:
-        """A kernel's nests as one function (its main stage and the epilogue stages fused into it)."""
+        """A kernel's nests as one function (its main stage and the epilogue stages fused into it);
+        the same kernel in another phase is the same function."""
+        key = tuple(id(s) for s in kernel.stages)
+        if key not in self.kernel_functions:
+            self.kernel_functions[key] = self.write_kernel(kernel)
+        return self.kernel_functions[key]
+
+    def write_kernel(self, kernel: Kernel) -> tuple[str, list[str]]:
         self.current_stage = self.stage_index[id(kernel.main)]
         tensors = sorted(set().union(*(stage_tensors(s) for s in kernel.stages)))
         fw = FunctionWriter(self.ft)
@@ -484,7 +492,8 @@ class RegisterRow:
             return made[tensor_of(e)]
         if self.shared is not None and isinstance(e, sympy.Indexed) and self.free_of_block(e):
             wide = self.whole_row_mask(e, vals)
-            key = (e, wide is not None) + tuple(vals.get(str(v)) for v in sorted(e.free_symbols, key=str))
+            names = sorted({s.name for i in e.indices for s in i.free_symbols})
+            key = (e, wide is not None) + tuple(vals.get(v) for v in names)
             if key not in self.shared:  # one load for every row of a block that reads the same
                 self.shared[key] = self.emit_read(e, vals, wide or mask)
             return self.shared[key]
