@@ -62,7 +62,7 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
     free = len(nest.terms) == 1 and bool(outer)
     movable = [v for v, _ in outer] if free else [v for v, _ in outer[1:]]  # may be blocked or reordered
     accumulate = stage.accumulate or nest.needs_init
-    order = loop_order(outer, reduce_)
+    order = loop_order(outer, reduce_, lambda v: strided_reads(term.term, v))
     if not accumulate or checked:  # bounds-checked builds use plain loops only
         return Template("scalar", tuple(order), accumulate)
     if single_term_per_output(nest, term):  # (max pooling's gradient: one gather per output)
@@ -114,9 +114,18 @@ def single_term_per_output(nest: ClassNest, term: TermNest) -> bool:
             and covers_outputs(nest, term) and not any(c.expr.coeff(r) for c in term.constraints for r in reduce_))
 
 
-def loop_order(outer, reduce_) -> list[str]:
-    """Outer variables, then reductions; the last outer one goes innermost when it is the longer."""
+def strided_reads(term, v: str) -> int:
+    """How many reads ``v`` moves through memory at a stride (it indexes a dimension before the last)."""
+    return sum(1 for r in term.atoms(sympy.Indexed) if any(Affine.from_sympy(i).coeff(v) for i in r.indices[:-1]))
+
+
+def loop_order(outer, reduce_, strided=lambda v: 0) -> list[str]:
+    """Outer variables, then reductions; the last outer one goes innermost when it is the longer,
+    unless it would stride through memory where the last reduction does not (a dense layer's
+    weights: ``W[n, k]`` with ``n`` innermost reads a column)."""
     names_out, names_red = [v for v, _ in outer], [v for v, _ in reduce_]
+    if len(outer) >= 2 and reduce_ and strided(names_out[-1]) > strided(names_red[-1]):
+        return names_out + names_red
     if len(outer) >= 2 and reduce_:
         last_out, last_red = outer[-1][1], reduce_[-1][1]
         batch_red = not isinstance(last_red, int)  # a sum over the batch (weight gradients): rows win
