@@ -3,18 +3,22 @@
 Templates. Per term nest (`loops`), a loop order and a register template:
 - ``row`` (output-stationary): the innermost loop is the output's last, unit-stride variable
   (4 to MAX_ROW long); that output row lives in vector registers across every reduction loop;
+- ``tiled_row``: the same for a block of another output variable at once (output channels), the
+  row's loads shared by the block;
 - ``reduction_row``: the innermost loop is a reduction variable the output does not depend on;
   vector partial sums over it live across the reductions (a filter gradient over a map row);
-- ``tiled_reduction_row``: the same for each value of a small output variable at once (a
-  kernel column), so broadcast loads are shared;
-- ``scalar``: plain loops, left to LLVM's vectorizers.
+- ``tiled_reduction_row``: the same for each value of a small output variable at once (a kernel
+  column), optionally for a block of output channels too, so loads are shared;
+- ``scalar``: plain loops, left to LLVM's vectorizers (ordered so that no large read is walked
+  at a stride, and dense layers' weights are read once per batch).
 
 Kernels. Per phase, stages are grouped into kernels: a main stage that finishes each output
-value at one place in its loops (in registers, for the vector templates), and the elementwise stages that only need that value (bias, ReLU,
-batch norm's scale, a ReLU′ mask, the optimizer's update of the parameter whose gradient it
-completes) computed in its epilogue, right where the value is, instead of in passes of their
-own behind a barrier. An epilogue stage may move up to its producer only if no stage in between
-touches what it reads or writes. Kernels are separated by the threads' barrier.
+value at one place in its loops (in registers, for the vector templates), and the elementwise
+stages that only need that value (bias, ReLU, batch norm's output, a ReLU′ mask, the optimizer's
+update of the parameter whose gradient it completes) computed in its epilogue, right where the
+value is, instead of in passes of their own behind a barrier. An epilogue stage may move up to its
+producer only if no stage in between touches what it reads or writes. Kernels are separated by
+the threads' barrier.
 """
 from __future__ import annotations
 
@@ -375,10 +379,6 @@ class Scheduler:
             if s.out in reads or s.out == stage.out or set(s.argmax) & reads or stage.out in self.reads(s):
                 return False
         return True
-
-
-def kernels(prog: Program, phase: str, checked: bool = False, fuse: bool = True, lanes: int = 8) -> list[Kernel]:
-    return Scheduler(prog, checked, fuse, lanes).kernels(phase)
 
 
 def epilogue_host(kernel: Kernel) -> bool:
