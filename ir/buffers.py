@@ -49,24 +49,27 @@ def results(prog: Program, phase: str) -> set[str]:
     return names
 
 
-def lifetimes(prog: Program, step_of=None) -> dict[str, list[tuple[int, int]]]:
+def lifetimes(prog: Program, steps: dict | None = None) -> dict[str, list[tuple[int, int]]]:
     """Per tensor, its live span in every phase that touches it, each phase laid out on one line
-    after the other. ``step_of(phase, position)`` numbers a phase's stages by barrier-separated
+    after the other. ``steps[phase][position]`` numbers a phase's stages by barrier-separated
     step (fused stages share one, so memory freed inside a fused group is not reused before the
     group's barrier); by default every stage is its own step."""
     spans: dict[str, list[tuple[int, int]]] = {}
+    inputs = fed(prog)
     base = 0
     for phase in PHASES:
         stages = prog.phase_stages(phase)
+        numbers = steps[phase] if steps else range(len(stages))
         local: dict[str, tuple[int, int]] = {}
-        for position, (_, _, stage) in enumerate(stages):
-            step = base + (step_of(phase, position) if step_of else position)
+        for (_, _, stage), number in zip(stages, numbers):
+            step = base + number
             for name in touched(stage):
                 lo, hi = local.get(name, (step, step))
                 local[name] = (min(lo, step), max(hi, step))
-        for name in fed(prog) | results(prog, phase):  # alive from the phase's start, or to its end
+        outputs = results(prog, phase)
+        for name in inputs | outputs:  # alive from the phase's start, or to its end
             lo, hi = local.get(name, (base, base))
-            local[name] = (base - 1 if name in fed(prog) else lo, base + len(stages) if name in results(prog, phase) else hi)
+            local[name] = (base - 1 if name in inputs else lo, base + len(stages) if name in outputs else hi)
         for name, span in local.items():
             spans.setdefault(name, []).append(span)
         base += len(stages) + 2
@@ -88,10 +91,11 @@ def nbytes(spec, batch: int, float_bytes: int) -> int:
     return count * (8 if spec.dtype == "int" else float_bytes)
 
 
-def plan_buffers(prog: Program, batch: int, float_bytes: int = 4, step_of=None, share: bool = True) -> BufferPlan:
+def plan_buffers(prog: Program, batch: int, float_bytes: int = 4, steps: dict | None = None,
+                 share: bool = True) -> BufferPlan:
     """First-fit placement, largest tensors first: each goes at the lowest aligned offset that
     does not overlap a placed tensor whose lifetime overlaps its own."""
-    spans = lifetimes(prog, step_of)
+    spans = lifetimes(prog, steps)
     always = [(-1, 10 ** 9)]
     working = [n for n, s in prog.tensors.items() if s.role not in PERSISTENT]
     sizes = {n: nbytes(prog.tensors[n], batch, float_bytes) for n in working}

@@ -207,13 +207,14 @@ def output_tile(term: TermNest, outer, row: str, extent: int, lanes: int):
     block; no constraint mentions ``u``. The block size divides ``u``'s extent and keeps block ×
     vectors per row within MAX_ACCUMULATORS. Returns (u, block size, extent) or None."""
     chunks = -(-extent // lanes)
+    reads = list(term.term.atoms(sympy.Indexed))
+    along = {r for r in reads if Affine.from_sympy(r.indices[-1]).coeff(row)}
     best = None
     for u, ext in outer:
         if u == row or not isinstance(ext, int) or any(c.expr.coeff(u) for c in term.constraints):
             continue
-        along = [r for r in term.term.atoms(sympy.Indexed) if Affine.from_sympy(r.indices[-1]).coeff(row)]
-        across = [r for r in term.term.atoms(sympy.Indexed) if any(Affine.from_sympy(i).coeff(u) for i in r.indices)]
-        if not across or not along or set(along) & set(across):
+        across = {r for r in reads if mentions(r, u)}
+        if not across or not along or along & across:
             continue
         size = max((t for t in range(2, MAX_ACCUMULATORS + 1) if ext % t == 0 and t * chunks <= MAX_ACCUMULATORS),
                    default=None)

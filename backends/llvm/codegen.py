@@ -29,7 +29,7 @@ class ModuleWriter:
         self.prog, self.ft, self.prefix, self.checked = prog, ftype, prefix, checked
         self.current_stage = 0
         self.scheduler = Scheduler(prog, checked, fuse, lanes=8 if ftype == "float" else 4)
-        self.steps: dict[str, dict] = {}  # phase → stage (by id) → index of the kernel that runs it
+        self.steps: dict[str, list] = {}  # phase → per stage of the phase, the index of the kernel running it
         self.units: list[list[int]] = []  # the train phase's kernels, as indices into prog.all_stages()
         self.kernel_functions: dict[tuple, tuple] = {}  # stages (by id) → (function name, its tensors)
         self.stage_index = {id(s): k for k, s in enumerate(prog.all_stages())}
@@ -311,7 +311,9 @@ class ModuleWriter:
         drivers = []
         for phase, plan in self.phase_kernels():
             drivers.append(self.driver(phase, [self.kernel_function(kernel) for kernel in plan]))
-            self.steps[phase] = {id(s): step for step, kernel in enumerate(plan) for s in kernel.stages}
+            if phase in PHASES:
+                kernel_of = {id(s): step for step, kernel in enumerate(plan) for s in kernel.stages}
+                self.steps[phase] = [kernel_of[id(s)] for _, _, s in self.prog.phase_stages(phase)]
         head = "\n".join(sorted(self.declares | {BARRIER_DECLARES}))
         if n <= 1:
             return [head + "\n\n" + BARRIER + "\n" + "\n".join(self.functions) + "\n" + "\n".join(drivers)]
@@ -413,8 +415,12 @@ class RegisterRow:
         return self.fw.op(f"shufflevector <{self.lanes} x {ty}> {one}, <{self.lanes} x {ty}> poison, "
                           f"<{self.lanes} x i32> zeroinitializer")
 
+    def rows(self) -> list[list[str]]:
+        """Every accumulator row this schedule holds."""
+        return self.accs
+
     def begin(self) -> None:
-        for row in self.accs:
+        for row in self.rows():
             for slot in row:
                 self.fw.raw(f"store {self.vt} zeroinitializer, ptr {slot}")
 
@@ -490,7 +496,7 @@ class RegisterRow:
         fw = self.fw
         if made and isinstance(e, sympy.Indexed) and tensor_of(e) in made:
             return made[tensor_of(e)]
-        if self.shared is not None and isinstance(e, sympy.Indexed) and self.free_of_block(e):
+        if self.shared is not None and isinstance(e, sympy.Indexed) and self.shares_load(e):
             wide = self.whole_row_mask(e, vals)
             names = sorted({s.name for i in e.indices for s in i.free_symbols})
             key = (e, wide is not None) + tuple(vals.get(v) for v in names)
@@ -510,7 +516,8 @@ class RegisterRow:
             return result
         return self.emit_operation(e, vals, mask, made)
 
-    def free_of_block(self, e) -> bool:
+    def shares_load(self, e) -> bool:
+        """Is this read loaded once for several rows of a block (see TiledRow)?"""
         return False
 
     def whole_row_mask(self, e, vals):
@@ -565,13 +572,11 @@ class TiledRow(RegisterRow):
         self.partials, self.accs = 1, self.accs[:1]
         self.tiles = [self.accs[0]] + [self.new_row() for _ in range(tile[1] - 1)]
 
-    def free_of_block(self, e) -> bool:
+    def shares_load(self, e) -> bool:
         return not any(Affine.from_sympy(i).coeff(self.block[0]) for i in e.indices)
 
-    def begin(self) -> None:
-        for row in self.tiles:
-            for slot in row:
-                self.fw.raw(f"store {self.vt} zeroinitializer, ptr {slot}")
+    def rows(self) -> list[list[str]]:
+        return self.tiles
 
     def each_row(self, vals, action) -> None:
         u, base = self.block[0], vals[self.block[0]]
@@ -636,13 +641,11 @@ class TiledReductionRow(ReductionRow):
         self.grid = [(b, t) for b in range(block[1] if block else 1) for t in range(self.tile_extent)]
         self.tiles = {key: (self.accs[0] if k == 0 else self.new_row()) for k, key in enumerate(self.grid)}
 
-    def begin(self) -> None:
-        for row in self.tiles.values():
-            for slot in row:
-                self.fw.raw(f"store {self.vt} zeroinitializer, ptr {slot}")
+    def rows(self) -> list[list[str]]:
+        return list(self.tiles.values())
 
-    def free_of_block(self, e) -> bool:
-        return self.block is not None
+    def shares_load(self, e) -> bool:
+        return self.block is not None  # the cache key tells a kernel column's reads apart
 
     def whole_row_mask(self, e, vals):
         """Reads with the block's variable: the row's whole extent (they are inside it there)."""

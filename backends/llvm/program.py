@@ -104,10 +104,7 @@ class LLVMExecutable:
     def plan(self, batch: int, share: bool = True):
         """The buffer plan, with lifetimes counted in kernels (fused stages run, and so hold
         their memory, together and where their kernel runs)."""
-        return plan_buffers(self.prog, batch, self.dtype.itemsize, step_of=self.step_of, share=share)
-
-    def step_of(self, phase: str, position: int) -> int:
-        return self.steps[phase][id(self.prog.phase_stages(phase)[position][2])]
+        return plan_buffers(self.prog, batch, self.dtype.itemsize, steps=self.steps, share=share)
 
     def bind(self, batch: int, share: bool = True):
         """Buffers for one batch size, made once: views into one arena laid out by the buffer
