@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import sympy
-
-from .expr import BATCH, PHASES, Program, Stage, tensor_of
+from .expr import BATCH, PHASES, Program
+from .loops import stage_tensors
 
 ALIGN = 64
 PERSISTENT = ("param", "buffer", "state")
@@ -63,7 +62,7 @@ def lifetimes(prog: Program, steps: dict | None = None) -> dict[str, list[tuple[
         local: dict[str, tuple[int, int]] = {}
         for (_, _, stage), number in zip(stages, numbers):
             step = base + number
-            for name in touched(stage):
+            for name in stage_tensors(stage):
                 lo, hi = local.get(name, (step, step))
                 local[name] = (min(lo, step), max(hi, step))
         outputs = results(prog, phase)
@@ -78,10 +77,6 @@ def lifetimes(prog: Program, steps: dict | None = None) -> dict[str, list[tuple[
 
 def overlap(a: list, b: list) -> bool:
     return any(lo1 <= hi2 and lo2 <= hi1 for lo1, hi1 in a for lo2, hi2 in b)
-
-
-def touched(stage: Stage) -> set[str]:
-    return {tensor_of(r) for r in stage.body.atoms(sympy.Indexed)} | {stage.out} | set(stage.argmax)
 
 
 def nbytes(spec, batch: int, float_bytes: int) -> int:
