@@ -12,6 +12,8 @@ from cnncompile.nn.loss import Loss
 from cnncompile.nn.module import Module, TracedTensor
 from cnncompile.nn.tracing import Tracer
 
+from . import program_cache
+
 BACKENDS = ("llvm", "numpy")
 
 
@@ -75,29 +77,46 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
     from .model import Model
 
     started = time.perf_counter()
+    if optimizer is not None and loss is None:
+        raise CompileError("an optimizer needs a loss: pass loss=nn.CrossEntropyLoss() (or another)")
+    dtype, executable_class = np.dtype(dtype), backend_class(backend)
+    if dtype not in (np.float32, np.float64):
+        raise CompileError(f"dtype must be float32 or float64, got {dtype}")
     tracer, heads, targets, loss_name = trace(net, input_shape, loss, loss_weights)
-    prog = tracer.graph.lower([t.name for _, t in heads], loss_name)
+    outputs = [t.name for _, t in heads]
+    name = program_cache.key(tracer.graph, outputs, loss_name, optimizer, executable_class.name, dtype,
+                             executable_class.codegen_options())
+    entry = program_cache.load(name)
+    if entry is not None:  # a warm start: nothing is derived, scheduled or generated again
+        prog = entry["prog"]
+        executable = executable_class(prog, dtype, manifest=entry["manifest"])
+    else:
+        prog = build_program(tracer, outputs, targets, loss_name, loss, optimizer)
+        executable = executable_class(prog, dtype)
+        program_cache.store(name, {"prog": prog, "manifest": executable.manifest()})
+    model = Model(net=net, tracer=tracer, heads=heads, prog=prog, executable=executable, loss=loss,
+                  optimizer=optimizer, input_shape=tuple(input_shape))
+    model.seed, model.loss_weights = seed, loss_weights
+    model.reset_parameters(seed)
+    model.compile_seconds, model.warm_start = time.perf_counter() - started, entry is not None
+    return model
+
+
+def build_program(tracer, outputs, targets, loss_name, loss, optimizer):
+    """Graph IR → forward stages → derived backward stages (both modes where they differ) → update stages."""
+    prog = tracer.graph.lower(outputs, loss_name)
     prog.labels = targets
     if loss is not None:
         prog.backward = derive(prog, prog.params, "train")
         if prog.has_modes:  # batch norm / dropout: eval-mode gradients are derived separately
             prog.backward += derive(prog, prog.params, "eval")
     if optimizer is not None:
-        if loss is None:
-            raise CompileError("an optimizer needs a loss: pass loss=nn.CrossEntropyLoss() (or another)")
         prog.update += optimizer.stages(prog)
-    executable = make_executable(prog, backend, np.dtype(dtype))
-    model = Model(net=net, tracer=tracer, heads=heads, prog=prog, executable=executable, loss=loss,
-                  optimizer=optimizer, input_shape=tuple(input_shape))
-    model.seed, model.loss_weights = seed, loss_weights
-    model.reset_parameters(seed)
-    model.compile_seconds = time.perf_counter() - started
-    return model
+    return prog
 
 
-def make_executable(prog, backend, dtype):
-    if dtype not in (np.float32, np.float64):
-        raise CompileError(f"dtype must be float32 or float64, got {dtype}")
+def backend_class(backend):
+    """The executable class for ``backend`` (default LLVM); NumPy, with one warning, where llvmlite cannot load."""
     backend = backend or "llvm"
     if backend not in BACKENDS:
         raise CompileError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -107,6 +126,7 @@ def make_executable(prog, backend, dtype):
         except ImportError as exc:  # llvmlite missing or unloadable: NumPy runs the same stages
             warnings.warn(f"llvmlite cannot be loaded ({exc}); using the NumPy backend", RuntimeWarning)
         else:
-            return LLVMExecutable(prog, dtype)
+            return LLVMExecutable
     from cnncompile.backends.numpy.program import NumpyExecutable
-    return NumpyExecutable(prog, dtype)
+    return NumpyExecutable
+

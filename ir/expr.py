@@ -34,6 +34,16 @@ class TensorSpec:
     role: str  # input | label | param | buffer | activation | grad | state | argmax | loss
     dtype: str = "float"  # float | int
 
+    def __reduce__(self):
+        """Pickled with the batch axis as a marker, so that a loaded spec holds the one ``BATCH``
+        object (shapes are compared with ``is BATCH``, and sympy's symbol cache may have let the
+        original go)."""
+        return (_tensor_spec, (self.name, tuple("B" if d is BATCH else d for d in self.shape), self.role, self.dtype))
+
+
+def _tensor_spec(name, shape, role, dtype):
+    return TensorSpec(name, tuple(BATCH if d == "B" else d for d in shape), role, dtype)
+
 
 @dataclass(frozen=True)
 class Stage:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
-from pathlib import Path
 
 import llvmlite
 import llvmlite.binding as llvm
+
+from cnncompile import diskcache
 
 _lock = threading.Lock()
 _engine = None
@@ -26,10 +26,6 @@ def host_features() -> str:
             if name.startswith("avx512") or name in ("evex512", "avx10.1-512"):
                 features[name] = False
     return features.flatten()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CNNCOMPILE_CACHE_DIR") or Path.home() / ".cache" / "cnncompile")
 
 
 def target():
@@ -78,35 +74,14 @@ def optimize(module) -> None:
     pb.getModulePassManager().run(module, pb)
 
 
-MAGIC = b"cnncompile-object-1\n"
-
-
 def read_cache(key: str) -> bytes | None:
     """The object code of an entry whose checksum holds; anything else (truncated, foreign,
     garbage) is a miss: LLVM is never handed bytes we did not write whole."""
-    path = cache_dir() / f"{key}.o"
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    head = len(MAGIC) + 32
-    if not data.startswith(MAGIC) or len(data) <= head:
-        return None
-    payload = data[head:]
-    return payload if hashlib.sha256(payload).digest() == data[len(MAGIC):head] else None
+    return diskcache.read(f"{key}.o")
 
 
 def write_cache(key: str, data: bytes) -> None:
-    """Atomic: a temporary file renamed into place, so a reader never sees half an entry."""
-    try:
-        directory = cache_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".o")
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + hashlib.sha256(data).digest() + data)
-        os.replace(tmp, directory / f"{key}.o")
-    except OSError:
-        pass  # a cache that cannot be written only costs time
+    diskcache.write(f"{key}.o", data)
 
 
 def compile_part(ir_text: str) -> bytes:

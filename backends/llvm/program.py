@@ -20,6 +20,7 @@ from .jit import Compiled, compile_workers, fingerprint
 ALIGN = 64
 PHASE_SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                    ctypes.c_int64, ctypes.c_void_p)
+PLACEHOLDER = "cnncc_PREFIX"  # stands for the function-name prefix until the IR's hash is known
 _loaded: dict[str, Compiled] = {}
 _loaded_lock = threading.Lock()
 
@@ -72,17 +73,21 @@ class Workers:
 class LLVMExecutable:
     name = "llvm"
 
-    def __init__(self, prog: Program, dtype=np.float32, use_cache: bool = True):
+    def __init__(self, prog: Program, dtype=np.float32, use_cache: bool = True, manifest: dict | None = None):
+        """``manifest`` is what an earlier compile of the same program generated (see
+        `manifest()`, stored by the program cache): given, no IR is written again."""
         self.prog, self.dtype = prog, np.dtype(dtype)
-        ftype = "float" if self.dtype == np.float32 else "double"
-        placeholder = "cnncc_PREFIX"
         self.checked = os.environ.get("CNNCOMPILE_CHECK") == "1"
-        writer = ModuleWriter(prog, ftype, placeholder, checked=self.checked)
-        texts = writer.modules(compile_workers())
-        self.scalar_names = writer.scalar_names
-        self.steps, self.unit_stages = writer.steps, writer.units
+        if manifest is None:
+            ftype = "float" if self.dtype == np.float32 else "double"
+            writer = ModuleWriter(prog, ftype, PLACEHOLDER, checked=self.checked)
+            manifest = {"texts": writer.modules(compile_workers()), "scalar_names": writer.scalar_names,
+                        "steps": writer.steps, "units": writer.units}
+        self._manifest = manifest
+        texts = manifest["texts"]
+        self.scalar_names, self.steps, self.unit_stages = manifest["scalar_names"], manifest["steps"], manifest["units"]
         prefix = "cc_" + fingerprint("\n".join(texts))[:16]
-        parts = [t.replace(placeholder, prefix) for t in texts]
+        parts = [t.replace(PLACEHOLDER, prefix) for t in texts]
         self.ir_text = "\n".join(parts)
         with _loaded_lock:
             if prefix not in _loaded:
@@ -96,6 +101,15 @@ class LLVMExecutable:
         self.workers = Workers(self.threads)
         self.barrier = aligned_zeros((16,), np.int32)
         self.scalars = aligned_zeros((len(self.scalar_names) + 4,), np.float64)  # + bounds-check report
+
+    @staticmethod
+    def codegen_options() -> tuple:
+        """What, besides the program, decides the generated IR (part of the program cache key)."""
+        return ("checked" if os.environ.get("CNNCOMPILE_CHECK") == "1" else "plain", compile_workers())
+
+    def manifest(self) -> dict:
+        """The generated IR and the facts the runtime needs about it, for the program cache."""
+        return self._manifest
 
     def allocate(self, spec, batch: int) -> np.ndarray:
         shape = tuple(batch if d is BATCH else d for d in spec.shape)

@@ -20,10 +20,18 @@ class Env(dict):
 class NumpyExecutable:
     name = "numpy"
 
-    def __init__(self, prog: Program, dtype=np.float32):
+    def __init__(self, prog: Program, dtype=np.float32, manifest=None):
         self.prog, self.dtype = prog, np.dtype(dtype)
         self.state = {n: self.allocate(s, {}) for n, s in prog.tensors.items() if s.role in PERSISTENT}
         self.bound: dict[int, tuple[Env, dict]] = {}
+
+    @staticmethod
+    def codegen_options() -> tuple:
+        return ()
+
+    def manifest(self) -> None:
+        """Nothing is generated: the stages run as they are."""
+        return None
 
     def plan(self, batch: int, share: bool = True):
         """The buffer plan as this backend keeps it: every tensor in its own memory."""

@@ -1,0 +1,76 @@
+"""Warm starts: a compiled program stored on disk under a hash of the traced network.
+
+A second ``cc.compile`` of the same network (same layers, shapes, loss, optimizer constants,
+dtype, backend, and the same compiler source) loads the derived stages and the backend's
+generated code from here instead of lowering, deriving, scheduling and writing IR again.
+The key is made from the graph IR alone, before any formula exists. Entries are pickles in
+the checksummed frame of :mod:`diskcache`; one that does not load is a miss.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+from . import diskcache
+
+FORMAT = "program-1"
+_source_hash: str | None = None
+
+
+def source_hash() -> str:
+    """A hash of the compiler's own source files: a changed compiler never reads old entries."""
+    global _source_hash
+    if _source_hash is None:
+        import cnncompile.backends
+        import cnncompile.ir
+
+        h = hashlib.sha256()
+        for package in (Path(__file__).parent, Path(cnncompile.ir.__file__).parent,
+                        Path(cnncompile.backends.__file__).parent):
+            for path in sorted(package.rglob("*.py")):
+                h.update(str(path.relative_to(package)).encode())
+                h.update(path.read_bytes())
+        _source_hash = h.hexdigest()
+    return _source_hash
+
+
+def describe_graph(graph) -> list:
+    """Everything about the traced graph that the compiled program depends on, as plain values."""
+    tensors = [(s.name, repr(s.shape), s.role, s.dtype) for s in graph.tensors.values()]
+    ops = [(n.name, n.kind, repr(sorted(n.attrs.items())), n.inputs, n.output, sorted(n.params.items()))
+           for n in graph.ops]
+    return [tensors, ops, graph.inputs, graph.params, graph.buffers, graph.state_order, sorted(graph.noise.items())]
+
+
+def key(graph, outputs, loss_name, optimizer, backend, dtype, codegen_options=()) -> str:
+    """The entry's name. The learning rate is a runtime scalar, so it is not part of the key."""
+    hyper = None
+    if optimizer is not None:
+        hyper = (type(optimizer).__name__, sorted((k, repr(v)) for k, v in optimizer.hyper().items() if k != "lr"))
+    description = [FORMAT, source_hash(), describe_graph(graph), list(outputs), loss_name, hyper, backend,
+                   str(dtype), list(codegen_options)]
+    return hashlib.sha256(repr(description).encode()).hexdigest()
+
+
+def enabled() -> bool:
+    return os.environ.get("CNNCOMPILE_PROGRAM_CACHE", "1") != "0"
+
+
+def load(name: str) -> dict | None:
+    if not enabled():
+        return None
+    payload = diskcache.read(f"{name}.program")
+    if payload is None:
+        return None
+    try:
+        entry = pickle.loads(payload)
+    except Exception:  # noqa: BLE001 - an entry from an incompatible library version is a miss
+        return None
+    return entry if isinstance(entry, dict) and entry.get("format") == FORMAT else None
+
+
+def store(name: str, entry: dict) -> None:
+    if enabled():
+        diskcache.write(f"{name}.program", pickle.dumps({**entry, "format": FORMAT}, protocol=pickle.HIGHEST_PROTOCOL))
