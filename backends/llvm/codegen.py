@@ -61,7 +61,7 @@ class ModuleWriter:
             self.class_nest(fw, nest, templates, tensors, kernel.epilogue)
         self.declares |= fw.declares
         params = ", ".join(f"ptr noalias %a{j}" for j in range(len(tensors)))
-        body = (f"({params}, ptr noalias %scalars, i64 %B, i64 %tid, i64 %nt) {{\n"
+        body = (f"({params}, ptr noalias %scalars, i64 %B, i64 %tid, i64 %nt) noinline {{\n"
                 f"entry:\n  %Bm1 = sub i64 %B, 1\n" + "\n".join(fw.allocas) + "\n" + "\n".join(fw.lines)
                 + "\n  ret void\n}\n")
         if body in self.bodies:  # the same loops over other buffers (repeated blocks, phases): compile once
@@ -690,7 +690,7 @@ def extent_value(ext) -> str:
 
 
 BARRIER_DECLARES = "declare void @llvm.x86.sse2.pause()\ndeclare i32 @sched_yield()"
-BARRIER = """define internal void @cc_barrier(ptr %bar, ptr %sense, i64 %nt) {
+BARRIER = """define internal void @cc_barrier(ptr %bar, ptr %sense, i64 %nt) noinline {
 entry:
   %single = icmp sle i64 %nt, 1
   br i1 %single, label %done, label %arrive
