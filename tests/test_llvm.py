@@ -39,6 +39,10 @@ NETS = {
     "strided": (lambda: nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=3, padding=2, dilation=2), nn.LeakyReLU(0.2),
                                       nn.Conv2d(3, 5, 2, stride=2, dilation=2), nn.Flatten(), nn.Linear(20, 5)), (2, 13, 11)),
     "residual": (Residual, (3, 11, 10)),
+    # max-pool gradients: interleaved vector rows on pooled rows of 17 (two vectors, a 1-lane
+    # tail); then a 17-wide map whose last column is in no window (per-class loops, not merged)
+    "pooling": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(3, 2, 1),
+                                      nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 9 * 8, 5)), (2, 36, 34)),
     # rows of 20 and 18 floats: three vectors each, lanes past the end, under sums that are not 0
     # there ((X − μ)² in the batch variance)
     # (no bias before a batch norm: its true gradient is 0, both backends' values float noise)
@@ -167,6 +171,34 @@ def test_schedule_fuses_elementwise_stages_and_updates_into_their_producers():
     assert len(plan) < len(model.prog.phase_stages("train"))
     grads = {k.main.out: [s.out for s in k.stages[1:]] for k in Scheduler(model.prog).kernels("grads")}
     assert grads["dL/d0.weight"] == []  # no update where gradients are only handed out
+
+
+def test_max_pool_gradients_run_as_interleaved_vector_rows():
+    """The four window positions of a 2×2 max pool's gradient (residue classes) run as one loop
+    nest, the column pairs as interleaved vector rows where the pooled row is a vector long."""
+    from cnncompile.ir.schedule import Scheduler
+    for name, stage, expected in (("lenet", "dL/d1.out", (4, ("v_q", 14))), ("lenet", "dL/d4.out", (4, None)),
+                                  ("pooling", "dL/d0.out", (4, ("v_q", 17))), ("pooling", "dL/d2.out", None)):
+        build, shape = NETS[name]
+        model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
+        scheduler = Scheduler(model.prog)
+        [kernel] = [scheduler.single(s) for s in model.prog.backward if s.out == stage and "argmax" in str(s.body)]
+        merged = [(len(group), pairs[:2] if pairs else None) for group, pairs in kernel.class_groups if len(group) > 1]
+        assert merged == ([expected] if expected else []), (name, stage)
+
+
+@pytest.mark.parametrize("name", ["lenet", "pooling"])
+def test_float64_llvm_matches_numpy(name):
+    """Four-lane double vectors through the same templates (interleaved pool rows included)."""
+    build, shape = NETS[name]
+    models = [cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend=b, seed=3, dtype="float64")
+              for b in ("numpy", "llvm")]
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((3, *shape)), rng.integers(0, 5, 3)
+    (loss0, grads0), (loss1, grads1) = (m.loss_and_grads(x, y) for m in models)
+    assert abs(loss0 - loss1) < 1e-12 * max(1.0, abs(loss0))
+    for k in grads0:
+        np.testing.assert_allclose(grads1[k], grads0[k], rtol=1e-10, atol=1e-12, err_msg=k)
 
 
 def test_convolution_kernels_use_packed_fma_on_ymm(monkeypatch):

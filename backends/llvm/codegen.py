@@ -57,8 +57,11 @@ class ModuleWriter:
         self.current_stage = self.stage_index[id(kernel.main)]
         tensors = sorted(set().union(*(stage_tensors(s) for s in kernel.stages)))
         fw = FunctionWriter(self.ft)
-        for nest, templates in zip(kernel.nests, kernel.templates):
-            self.class_nest(fw, nest, templates, tensors, kernel.epilogue)
+        for group, pairs in kernel.class_groups:
+            if len(group) == 1:
+                self.class_nest(fw, kernel.nests[group[0]], kernel.templates[group[0]], tensors, kernel.epilogue)
+            else:
+                self.merged_nest(fw, [kernel.nests[k] for k in group], kernel.templates[group[0]][0], tensors, pairs)
         self.declares |= fw.declares
         params = ", ".join(f"ptr noalias %a{j}" for j in range(len(tensors)))
         body = (f"({params}, ptr noalias %scalars, i64 %B, i64 %tid, i64 %nt) noinline {{\n"
@@ -101,6 +104,24 @@ class ModuleWriter:
                       lambda vals, term=term, tpl=tpl: self.statement(fw, stage, term.term, nest.out_index, nest,
                                                                       vals, shapes, ptr, tpl.accumulate), vector,
                       finish)
+
+    def merged_nest(self, fw: FunctionWriter, nests: list, tpl, tensors, pairs=None) -> None:
+        """Several classes' single fresh terms in one loop nest (see schedule.merge_classes),
+        as interleaved vector rows where the schedule paired them (`InterleavedRow`)."""
+        shapes = shapes_of(self.prog, tensors)
+        ptr = {t: f"%a{j}" for j, t in enumerate(tensors)}
+        first = nests[0]
+
+        def statements(vals):
+            for nest in nests:
+                self.statement(fw, nest.stage, nest.terms[0].term, nest.out_index, nest, vals, shapes, ptr, False)
+
+        vector = None
+        if pairs is not None:
+            v, extent, pairing = pairs
+            vector = InterleavedRow(self, fw, first.stage.out, [(nests[a], nests[b]) for a, b in pairing],
+                                    shapes, ptr, v, extent)
+        self.nest(fw, first.grid, list(tpl.order), first.terms[0].constraints, bool(first.outer), statements, vector)
 
     def scalar_epilogue(self, fw, out, out_index, vals, shapes, ptr, epilogue, value=None) -> None:
         """The epilogue stages at one output point, on the main's finished value (loaded back
@@ -558,6 +579,62 @@ class RegisterRow:
         for _ in range(int(e.exp) - 1):
             total = fw.op(f"fmul {FAST} {self.vt} {total}, {base}")
         return total
+
+
+class InterleavedRow(RegisterRow):
+    """Pairs of residue classes writing ``out[..., 2v]`` and ``out[..., 2v + 1]`` (a max-pool
+    gradient's window columns), W values of ``v`` at a time: each class's term as a vector
+    (index tensors loaded as i64 vectors, KroneckerDelta as a lane comparison), the two
+    interleaved into one contiguous masked store of 2W. Nothing accumulates."""
+
+    def __init__(self, writer, fw, out, pairs, shapes, ptr, v, extent):
+        super().__init__(writer, fw, out, pairs[0][0].terms[0].term, pairs[0][0].out_index, shapes, ptr, v, extent,
+                         first_reduce=None, fresh=True)
+        self.pairs, self.partials, self.accs = pairs, 1, []
+        n = self.lanes
+        self.wide, self.wide_mask = f"<{2 * n} x {fw.ft}>", f"<{2 * n} x i1>"
+        suffix = f"v{2 * n}{'f32' if fw.ft == 'float' else 'f64'}"
+        self.wide_store = f"@llvm.masked.store.{suffix}.p0"
+        fw.declares.add(f"declare void {self.wide_store}({self.wide}, ptr, i32, {self.wide_mask})")
+        self.index_load = f"@llvm.masked.load.v{n}i64.p0"
+        fw.declares.add(f"declare <{n} x i64> {self.index_load}(ptr, i32, {self.mt}, <{n} x i64>)")
+        self.zip = ", ".join(f"i32 {k // 2 + (k % 2) * n}" for k in range(2 * n))
+
+    def innermost(self, vals, row_bounds) -> None:
+        fw = self.fw
+        lo, hi = row_bounds()
+        for c in range(self.chunks):
+            mask = self.lane_mask(c, lo, hi)
+            vals[self.v] = str(c * self.lanes)
+            for even, odd in self.pairs:
+                halves = [self.emit(nest.terms[0].term, vals, mask) for nest in (even, odd)]
+                both = fw.op(f"shufflevector {self.vt} {halves[0]}, {self.vt} {halves[1]}, "
+                             f"<{2 * self.lanes} x i32> <{self.zip}>")
+                mask2 = fw.op(f"shufflevector {self.mt} {mask}, {self.mt} {mask}, <{2 * self.lanes} x i32> <{self.zip}>")
+                p = self.address(self.out, even.out_index, vals)
+                fw.raw(f"call void {self.wide_store}({self.wide} {both}, ptr {p}, i32 {self.align}, "
+                       f"{self.wide_mask} {mask2})")
+        del vals[self.v]
+
+    def index_vector(self, e, vals, mask) -> str:
+        """An integer operand of a comparison, as a vector of i64 lanes."""
+        fw = self.fw
+        if isinstance(e, sympy.Indexed):
+            index = [Affine.from_sympy(i) for i in e.indices]
+            at = self.w.offset(fw, tensor_of(e), index, vals, self.shapes)
+            p = fw.op(f"getelementptr i64, ptr {self.ptr[tensor_of(e)]}, i64 {at}", "p")
+            if index[-1].coeff(self.v):
+                return fw.op(f"call <{self.lanes} x i64> {self.index_load}(ptr {p}, i32 8, {self.mt} {mask}, "
+                             f"<{self.lanes} x i64> zeroinitializer)")
+            return self.splat(fw.op(f"load i64, ptr {p}"), "i64")
+        return self.splat(fw.affine(Affine.from_sympy(e), vals), "i64")
+
+    def emit_operation(self, e, vals, mask, made) -> str:
+        if isinstance(e, sympy.KroneckerDelta):
+            a, b = (self.index_vector(x, vals, mask) for x in e.args)
+            same = self.fw.op(f"icmp eq <{self.lanes} x i64> {a}, {b}")
+            return self.fw.op(f"uitofp {self.mt} {same} to {self.vt}")
+        return super().emit_operation(e, vals, mask, made)
 
 
 class TiledRow(RegisterRow):
