@@ -37,7 +37,7 @@ MAX_ROW = 64  # longest output row held in registers (8 ymm accumulators for flo
 
 @dataclass(frozen=True)
 class Template:
-    kind: str  # scalar | row | tiled_row | reduction_row | tiled_reduction_row
+    kind: str  # scalar | row | tiled_row | reduction_row | tiled_reduction_row | max_row
     order: tuple  # loop variables, outermost first (a tiled row's own variable is not a loop)
     accumulate: bool  # add into the output (initialised by a nest of its own, or by other stages)
     row: str | None = None  # the vector variable (innermost)
@@ -72,6 +72,9 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
     if single_term_per_output(nest, term):  # (max pooling's gradient: one gather per output)
         return Template("scalar", tuple(order), False, fresh=True)
     row_order = [o for o, _ in outer[:-1]] + [r for r, _ in reduce_] + [outer[-1][0]] if outer else order
+    if max_row_vectorizable(nest, term, row_order, lanes):
+        return Template("max_row", tuple(row_order), accumulate, row_order[-1], dict(nest.grid)[row_order[-1]],
+                        len(outer) - 1, fresh=True)
     if vectorizable(stage, term.term, nest.out_index, outer, reduce_, row_order, prog):
         fresh = not stage.accumulate and covers_outputs(nest, term)
         row, extent = row_order[-1], dict(nest.grid)[row_order[-1]]
@@ -152,6 +155,24 @@ def vectorizable(stage, term, out_index, outer, reduce_, order, prog) -> bool:
     if out_index[-1] != Affine.var(v) or any(e.coeff(v) for e in out_index[:-1]):
         return False
     return unit_stride_reads(term, v, prog) and vector_safe(term, {name for name, _ in outer + reduce_})
+
+
+def max_row_vectorizable(nest: ClassNest, term: TermNest, order, lanes: int) -> bool:
+    """A max pool as vector rows: the running maximum and each reduction variable's argmax
+    held per lane across the window loops (in the window's order, so ties go to the first, as
+    in plain loops), then stored once. Needs one read, unit or stride 2 along the row (the
+    output's last index), no constraint (no padding), and a row at least a vector long (LeNet-5's
+    5-wide pooled rows: 0.19 ms as vectors, 0.15 as plain loops; its 14-wide: 0.27 against 0.36)."""
+    stage, outer = nest.stage, nest.outer
+    if stage.combine != "max" or len(nest.terms) != 1 or len(outer) < 2 or term.constraints:
+        return False
+    v, extent = order[-1], dict(outer).get(order[-1])
+    if not isinstance(extent, int) or extent < lanes or not isinstance(term.term, sympy.Indexed):
+        return False
+    if nest.out_index[-1] != Affine.var(v) or any(e.coeff(v) for e in nest.out_index[:-1]):
+        return False
+    index = [Affine.from_sympy(i) for i in term.term.indices]
+    return index[-1].coeff(v) in (1, 2) and not any(e.coeff(v) for e in index[:-1])
 
 
 def reduction_vectorizable(stage, term, out_index, outer, reduce_, order, prog) -> bool:

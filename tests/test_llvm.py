@@ -187,6 +187,15 @@ def test_max_pool_gradients_run_as_interleaved_vector_rows():
         assert merged == ([expected] if expected else []), (name, stage)
 
 
+def test_max_pools_run_as_vector_rows_where_a_row_fills_a_vector():
+    from cnncompile.ir.schedule import Scheduler
+    build, shape = NETS["lenet"]
+    model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
+    scheduler = Scheduler(model.prog)
+    kinds = {s.out: scheduler.single(s).templates[0][0].kind for s in model.prog.forward if s.argmax}
+    assert kinds == {"2.out": "max_row", "5.out": "scalar"}  # pooled rows of 14 and 5
+
+
 @pytest.mark.parametrize("name", ["lenet", "pooling"])
 def test_float64_llvm_matches_numpy(name):
     """Four-lane double vectors through the same templates (interleaved pool rows included)."""

@@ -95,6 +95,7 @@ class ModuleWriter:
                       "reduction_row": lambda: ReductionRow(*args, several=tpl.several, epilogue=epilogue),
                       "tiled_reduction_row": lambda: TiledReductionRow(*args, tile=tpl.tile, block=tpl.block,
                                                                        epilogue=epilogue),
+                      "max_row": lambda: MaxRow(*args, nest=nest, epilogue=epilogue),
                       "scalar": lambda: None}[tpl.kind]()
             finish = None
             if vector is None and epilogue:  # plain loops: the epilogue once the reductions are done
@@ -421,12 +422,12 @@ class RegisterRow:
         self.zero_outside = zero_when_masked(term, v)
         self.accs = [self.new_row() for _ in range(self.partials)]
 
-    def new_row(self) -> list[str]:
+    def new_row(self, ty: str | None = None) -> list[str]:
         """Accumulators for one row: a vector register (an alloca LLVM promotes) per chunk."""
         row = []
         for _ in range(self.chunks):
             slot = self.fw.fresh("acc")
-            self.fw.allocas.append(f"  {slot} = alloca {self.vt}")
+            self.fw.allocas.append(f"  {slot} = alloca {ty or self.vt}")
             row.append(slot)
         return row
 
@@ -579,6 +580,63 @@ class RegisterRow:
         for _ in range(int(e.exp) - 1):
             total = fw.op(f"fmul {FAST} {self.vt} {total}, {base}")
         return total
+
+
+class MaxRow(RegisterRow):
+    """A max pool's row: per lane the running maximum and, per window variable, where it was
+    found, in registers across the window loops; stored once (no initialisation pass). The
+    comparison is the plain loops' own: greater, or the first NaN, so ties keep the first."""
+
+    def __init__(self, *args, nest, epilogue=()):
+        super().__init__(*args, fresh=True, epilogue=epilogue)
+        self.partials, self.accs = 1, self.accs[:1]
+        self.nest, self.it = nest, f"<{self.lanes} x i64>"
+        self.winners = {name: self.new_row(self.it) for name in nest.stage.argmax}
+        suffix = f"v{self.lanes}i64"
+        self.index_store = f"@llvm.masked.store.{suffix}.p0"
+        self.fw.declares.add(f"declare void {self.index_store}({self.it}, ptr, i32, {self.mt})")
+
+    def begin(self) -> None:
+        lowest = self.splat(self.fw.fconst(float("-inf")))
+        for slot in self.accs[0]:
+            self.fw.raw(f"store {self.vt} {lowest}, ptr {slot}")
+        for row in self.winners.values():
+            for slot in row:
+                self.fw.raw(f"store {self.it} zeroinitializer, ptr {slot}")
+
+    def accumulate_row(self, vals, bounds, accs) -> None:
+        fw, vt = self.fw, self.vt
+        lo, hi = bounds
+        where = {name: self.splat(fw.affine(self.nest.subst[r], vals), "i64")
+                 for (r, _), name in zip(self.nest.stage.reduce, self.nest.stage.argmax)}
+        for c, slot in enumerate(accs):
+            mask = self.lane_mask(c, lo, hi)
+            vals[self.v] = str(c * self.lanes)
+            value = self.emit(self.term, vals, mask)
+            cur = fw.op(f"load {vt}, ptr {slot}")
+            greater = fw.op(f"fcmp ogt {vt} {value}, {cur}")
+            first_nan = fw.op(f"and {self.mt} {fw.op(f'fcmp uno {vt} {value}, {value}')}, "
+                              f"{fw.op(f'fcmp ord {vt} {cur}, {cur}')}")
+            take = fw.op(f"or {self.mt} {greater}, {first_nan}")
+            fw.raw(f"store {vt} {fw.op(f'select {self.mt} {take}, {vt} {value}, {vt} {cur}')}, ptr {slot}")
+            for name, rows in self.winners.items():
+                old = fw.op(f"load {self.it}, ptr {rows[c]}")
+                fw.raw(f"store {self.it} {fw.op(f'select {self.mt} {take}, {self.it} {where[name]}, {self.it} {old}')}, "
+                       f"ptr {rows[c]}")
+        del vals[self.v]
+
+    def end(self, vals) -> None:
+        fw = self.fw
+        for c in range(self.chunks):
+            vals[self.v] = str(c * self.lanes)
+            mask = self.lane_mask(c, "0", str(self.extent - 1))
+            for name, rows in self.winners.items():
+                at = self.w.offset(fw, name, self.out_index, vals, self.shapes)
+                p = fw.op(f"getelementptr i64, ptr {self.ptr[name]}, i64 {at}", "p")
+                fw.raw(f"call void {self.index_store}({self.it} {fw.op(f'load {self.it}, ptr {rows[c]}')}, ptr {p}, "
+                       f"i32 8, {self.mt} {mask})")
+        del vals[self.v]
+        super().end(vals)
 
 
 class InterleavedRow(RegisterRow):
