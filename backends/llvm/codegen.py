@@ -305,12 +305,8 @@ class ModuleWriter:
         value = writer.as_float(writer.emit(term))
         _, p = self.address(fw, stage.out, out_index, vals, shapes, ptr)
         if stage.combine == "max":
-            cur = fw.op(f"load {self.ft}, ptr {p}")
-            greater = fw.op(f"fcmp ogt {self.ft} {value}, {cur}")
-            first_nan = fw.op(f"and i1 {fw.op(f'fcmp uno {self.ft} {value}, {value}')}, "
-                              f"{fw.op(f'fcmp ord {self.ft} {cur}, {cur}')}")
-            take = fw.op(f"or i1 {greater}, {first_nan}")
-            fw.raw(f"store {self.ft} {fw.op(f'select i1 {take}, {self.ft} {value}, {self.ft} {cur}')}, ptr {p}")
+            take, larger = running_max(fw, self.ft, "i1", value, fw.op(f"load {self.ft}, ptr {p}"))
+            fw.raw(f"store {self.ft} {larger}, ptr {p}")
             for (r, _), name in zip(stage.reduce, stage.argmax):
                 _, ap = self.address(fw, name, out_index, vals, shapes, ptr)
                 old = fw.op(f"load i64, ptr {ap}")
@@ -394,6 +390,15 @@ def zero_when_masked(e, v) -> bool:
     if isinstance(e, sympy.Pow) and e.exp.is_Integer and e.exp > 0:
         return zero_when_masked(e.base, v)
     return False
+
+
+def running_max(fw, ty: str, bool_ty: str, value: str, cur: str) -> tuple[str, str]:
+    """One step of a max (scalars or vectors): take ``value`` where it is greater, or where it
+    is the first NaN; ties keep the earlier value. Returns (taken, the new maximum)."""
+    greater = fw.op(f"fcmp ogt {ty} {value}, {cur}")
+    first_nan = fw.op(f"and {bool_ty} {fw.op(f'fcmp uno {ty} {value}, {value}')}, {fw.op(f'fcmp ord {ty} {cur}, {cur}')}")
+    take = fw.op(f"or {bool_ty} {greater}, {first_nan}")
+    return take, fw.op(f"select {bool_ty} {take}, {ty} {value}, {ty} {cur}")
 
 
 class RegisterRow:
@@ -613,12 +618,8 @@ class MaxRow(RegisterRow):
             mask = self.lane_mask(c, lo, hi)
             vals[self.v] = str(c * self.lanes)
             value = self.emit(self.term, vals, mask)
-            cur = fw.op(f"load {vt}, ptr {slot}")
-            greater = fw.op(f"fcmp ogt {vt} {value}, {cur}")
-            first_nan = fw.op(f"and {self.mt} {fw.op(f'fcmp uno {vt} {value}, {value}')}, "
-                              f"{fw.op(f'fcmp ord {vt} {cur}, {cur}')}")
-            take = fw.op(f"or {self.mt} {greater}, {first_nan}")
-            fw.raw(f"store {vt} {fw.op(f'select {self.mt} {take}, {vt} {value}, {vt} {cur}')}, ptr {slot}")
+            take, larger = running_max(fw, vt, self.mt, value, fw.op(f"load {vt}, ptr {slot}"))
+            fw.raw(f"store {vt} {larger}, ptr {slot}")
             for name, rows in self.winners.items():
                 old = fw.op(f"load {self.it}, ptr {rows[c]}")
                 fw.raw(f"store {self.it} {fw.op(f'select {self.mt} {take}, {self.it} {where[name]}, {self.it} {old}')}, "
