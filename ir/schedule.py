@@ -92,7 +92,37 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
                             len(outer) - 1, tile=tile, block=block)
         return Template("reduction_row", tuple(order), accumulate, r, extent, len(outer),
                         several=len(reduce_) > 1)
-    return Template("scalar", tuple(batch_inward(order, nest, term, prog) if free else order), accumulate)
+    order = batch_inward(order, nest, term, prog) if free else order
+    jam = dot_block(nest, term, order) if free else None
+    if jam is not None:  # the block's variable outermost: the threads share it in whole blocks
+        return Template("scalar", (jam[0], *(o for o in order if o != jam[0])), accumulate, block=jam)
+    return Template("scalar", tuple(order), accumulate)
+
+
+def dot_block(nest: ClassNest, term: TermNest, order) -> tuple | None:
+    """Plain loops ending in a long loop (a dense layer's dot product, out[b, n] += X[b, k]·W[n, k],
+    or its weight gradient's row, dW[n, k] += dY[b, n]·X[b, k]): several values of an output
+    variable ``n`` computed together in the innermost loop (unroll and jam), so each load of the
+    read free of ``n`` serves the whole block (once from L2 per block, not per ``n``); each
+    output's own sum keeps its order. Returns (n, block size, extent) or None."""
+    stage = nest.stage
+    if stage.combine != "sum" or stage.argmax or not order:
+        return None
+    r = order[-1]
+    extent = dict(nest.grid).get(r)
+    if not isinstance(extent, int) or extent < 32:
+        return None
+    reads = list(term.term.atoms(sympy.Indexed))
+    for u, size in nest.outer:
+        if u == r or not isinstance(size, int) or any(c.expr.coeff(u) for c in term.constraints):
+            continue
+        shared = [x for x in reads if not mentions(x, u) and mentions(x, r)]
+        if not shared or not any(e.coeff(u) for e in nest.out_index):
+            continue
+        block = next((d for d in (8, 4, 2) if size % d == 0), None)
+        if block is not None:
+            return u, block, size
+    return None
 
 
 def batch_inward(order: list, nest: ClassNest, term: TermNest, prog: Program) -> list:

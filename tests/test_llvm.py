@@ -39,6 +39,9 @@ NETS = {
     "strided": (lambda: nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=3, padding=2, dilation=2), nn.LeakyReLU(0.2),
                                       nn.Conv2d(3, 5, 2, stride=2, dilation=2), nn.Flatten(), nn.Linear(20, 5)), (2, 13, 11)),
     "residual": (Residual, (3, 11, 10)),
+    # dense layers with blocks of 8 outputs around their 200-long loops (3 blocks for 2 threads)
+    "dense": (lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(200, 24), nn.ReLU(),
+                                    nn.Linear(24, 5)), (1, 12, 12)),
     # max-pool gradients: interleaved vector rows on pooled rows of 17 (two vectors, a 1-lane
     # tail); then a 17-wide map whose last column is in no window (per-class loops, not merged)
     "pooling": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(3, 2, 1),
@@ -185,6 +188,19 @@ def test_max_pool_gradients_run_as_interleaved_vector_rows():
         [kernel] = [scheduler.single(s) for s in model.prog.backward if s.out == stage and "argmax" in str(s.body)]
         merged = [(len(group), pairs[:2] if pairs else None) for group, pairs in kernel.class_groups if len(group) > 1]
         assert merged == ([expected] if expected else []), (name, stage)
+
+
+def test_dense_layers_jam_a_block_of_outputs_around_the_long_loop():
+    """A dense layer's forward (dot products over 400 inputs) and weight gradient (rows of 400)
+    compute 8, 4 or 2 outputs per pass of the long loop, sharing the other read's loads."""
+    from cnncompile.ir.schedule import Scheduler
+    net = nn.Sequential(nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+    model = cc.compile(net, input_shape=(400,), loss=nn.CrossEntropyLoss(), backend="numpy")
+    scheduler = Scheduler(model.prog)
+    blocks = {s.out: scheduler.single(s).templates[0][0].block for s in model.prog.all_stages()
+              if s.out.endswith(".mm") or s.out.endswith("weight")}
+    assert blocks["1.out.mm"] == ("n", 8, 120) and blocks["3.out.mm"] == ("n", 4, 84)
+    assert blocks["dL/d1.weight"] == ("n", 8, 120) and blocks["5.out.mm"] == ("n", 2, 10)
 
 
 def test_max_pools_run_as_vector_rows_where_a_row_fills_a_vector():

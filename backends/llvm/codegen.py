@@ -97,14 +97,15 @@ class ModuleWriter:
                                                                        epilogue=epilogue),
                       "max_row": lambda: MaxRow(*args, nest=nest, epilogue=epilogue),
                       "scalar": lambda: None}[tpl.kind]()
+            jam = each_in_block(fw, tpl.block if vector is None else None)
             finish = None
             if vector is None and epilogue:  # plain loops: the epilogue once the reductions are done
-                finish = (nest.n_outer, lambda vals: self.scalar_epilogue(fw, stage.out, nest.out_index, vals, shapes,
-                                                                          ptr, epilogue))
+                finish = (nest.n_outer, jam(lambda vals: self.scalar_epilogue(fw, stage.out, nest.out_index, vals,
+                                                                              shapes, ptr, epilogue)))
             self.nest(fw, nest.grid, list(tpl.order), term.constraints, bool(outer),
-                      lambda vals, term=term, tpl=tpl: self.statement(fw, stage, term.term, nest.out_index, nest,
-                                                                      vals, shapes, ptr, tpl.accumulate), vector,
-                      finish)
+                      jam(lambda vals, term=term, tpl=tpl: self.statement(fw, stage, term.term, nest.out_index, nest,
+                                                                          vals, shapes, ptr, tpl.accumulate)), vector,
+                      finish, block=tpl.block if vector is None else None)
 
     def merged_nest(self, fw: FunctionWriter, nests: list, tpl, tensors, pairs=None) -> None:
         """Several classes' single fresh terms in one loop nest (see schedule.merge_classes),
@@ -136,12 +137,14 @@ class ModuleWriter:
             made[stage.out] = writer.as_float(writer.emit(body))
             self.store(fw, stage.out, out_index, vals, shapes, ptr, made[stage.out])
 
-    def nest(self, fw, grid, order, constraints, split: bool, statement, vector=None, finish=None, unit=1) -> None:
+    def nest(self, fw, grid, order, constraints, split: bool, statement, vector=None, finish=None, unit=1,
+             block=None) -> None:
         """Loops in ``order`` with Fourier–Motzkin bounds; the first loop (an output variable) is
         split over the threads; without output variables thread 0 runs the whole nest.
         ``finish = (level, emit)``: ``emit`` runs at that loop level after the loops inside it.
         ``unit``: the threads split the outermost loop in whole units (the blocks of another nest
-        over the same outputs)."""
+        over the same outputs). ``block = (variable, size, extent)``: that loop steps by blocks
+        (plain loops whose statement covers the block: see `each_in_block`)."""
         extents = dict(grid)
         bounds = fm_bounds(order, grid, constraints)
         if bounds is None:
@@ -172,7 +175,7 @@ class ModuleWriter:
                 else:
                     vector.innermost(vals, row_bounds)
                 return
-            stepped = getattr(vector, "block", None)
+            stepped = getattr(vector, "block", None) or block
             if stepped is not None and v == stepped[0]:  # a block's variable: one loop step per block
                 lo, hi = "0", str(stepped[2] // stepped[1] - 1)
             else:
@@ -399,6 +402,23 @@ def running_max(fw, ty: str, bool_ty: str, value: str, cur: str) -> tuple[str, s
     first_nan = fw.op(f"and {bool_ty} {fw.op(f'fcmp uno {ty} {value}, {value}')}, {fw.op(f'fcmp ord {ty} {cur}, {cur}')}")
     take = fw.op(f"or {bool_ty} {greater}, {first_nan}")
     return take, fw.op(f"select {bool_ty} {take}, {ty} {value}, {ty} {cur}")
+
+
+def each_in_block(fw, block):
+    """Wrap a statement so that it runs for every member of an unroll-and-jam block, in order
+    (the nest sets the block variable to the block's start); without a block, unchanged."""
+    def wrap(statement):
+        if block is None:
+            return statement
+
+        def jammed(vals):
+            u, base = block[0], vals[block[0]]
+            for t in range(block[1]):
+                vals[u] = fw.iadd(base, t)
+                statement(vals)
+            vals[u] = base
+        return jammed
+    return wrap
 
 
 class RegisterRow:
