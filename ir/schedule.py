@@ -94,8 +94,10 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
                         several=len(reduce_) > 1)
     order = batch_inward(order, nest, term, prog) if free else order
     jam = dot_block(nest, term, order) if free else None
-    if jam is not None:  # the block's variable outermost: the threads share it in whole blocks
+    if jam is not None and jam[0] in dict(outer):  # outermost: the threads share it in whole blocks
         return Template("scalar", (jam[0], *(o for o in order if o != jam[0])), accumulate, block=jam)
+    if jam is not None:  # a reduction's block: where it was
+        return Template("scalar", tuple(order), accumulate, block=jam)
     return Template("scalar", tuple(order), accumulate)
 
 
@@ -122,6 +124,12 @@ def dot_block(nest: ClassNest, term: TermNest, order) -> tuple | None:
         block = next((d for d in (8, 4, 2) if size % d == 0), None)
         if block is not None:
             return u, block, size
+    if r in dict(nest.outer):  # a row of outputs (a dense input gradient, out[b, k] += W[n, k]·dY[b, n]):
+        for u, size in nest.reduce:  # a block of the sum around it keeps each output in a register
+            if isinstance(size, int) and not any(c.expr.coeff(u) for c in term.constraints):
+                block = next((d for d in (8, 4, 2) if size % d == 0), None)
+                if block is not None:
+                    return u, block, size
     return None
 
 

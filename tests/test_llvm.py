@@ -201,6 +201,8 @@ def test_dense_layers_jam_a_block_of_outputs_around_the_long_loop():
               if s.out.endswith(".mm") or s.out.endswith("weight")}
     assert blocks["1.out.mm"] == ("n", 8, 120) and blocks["3.out.mm"] == ("n", 4, 84)
     assert blocks["dL/d1.weight"] == ("n", 8, 120) and blocks["5.out.mm"] == ("n", 2, 10)
+    dx = [scheduler.single(s).templates[0][0] for s in model.prog.backward if s.out == "dL/d2.out"]
+    assert [(t.block, t.order) for t in dx] == [(("n_t", 4, 84), ("b", "n_t", "k"))]  # the sum's block in place
 
 
 def test_max_pools_run_as_vector_rows_where_a_row_fills_a_vector():
