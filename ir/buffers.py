@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .expr import BATCH, PHASES, Program
 from .loops import stage_tensors
 
@@ -79,11 +81,19 @@ def overlap(a: list, b: list) -> bool:
     return any(lo1 <= hi2 and lo2 <= hi1 for lo1, hi1 in a for lo2, hi2 in b)
 
 
+INTEGER_TYPES = {"int": np.int64, "index": np.int32}  # labels; argmax window positions (small)
+
+
+def array_dtype(spec, float_dtype) -> np.dtype:
+    """The element type of a tensor's buffer."""
+    return np.dtype(INTEGER_TYPES.get(spec.dtype, float_dtype))
+
+
 def nbytes(spec, batch: int, float_bytes: int) -> int:
     count = 1
     for d in spec.shape:
         count *= batch if d is BATCH else int(d)
-    return count * (8 if spec.dtype == "int" else float_bytes)
+    return count * (INTEGER_TYPES[spec.dtype]().itemsize if spec.dtype in INTEGER_TYPES else float_bytes)
 
 
 def plan_buffers(prog: Program, batch: int, float_bytes: int = 4, steps: dict | None = None,

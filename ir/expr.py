@@ -32,7 +32,7 @@ class TensorSpec:
     name: str
     shape: tuple
     role: str  # input | label | param | buffer | activation | grad | state | argmax | loss
-    dtype: str = "float"  # float | int
+    dtype: str = "float"  # float | int (labels: int64) | index (window positions: int32)
 
     def __reduce__(self):
         """Pickled with the batch axis as a marker, so that a loaded spec holds the one ``BATCH``

@@ -98,7 +98,7 @@ class Graph:
             prog.add_tensor(TensorSpec(stage.out, written_shape(stage),
                                        "loss" if stage.role == "loss" else "activation"))
         for name in stage.argmax:
-            prog.add_tensor(TensorSpec(name, prog.tensors[stage.out].shape, "argmax", "int"))
+            prog.add_tensor(TensorSpec(name, prog.tensors[stage.out].shape, "argmax", "index"))
 
 
 def written_shape(stage: Stage) -> tuple:

@@ -256,7 +256,7 @@ class ModuleWriter:
         return flat or "0"
 
     def address(self, fw, tensor, index, vals, shapes, ptr):
-        elem = "i64" if self.prog.tensors[tensor].dtype == "int" else self.ft
+        elem = ELEMENT.get(self.prog.tensors[tensor].dtype, self.ft)
         at = self.offset(fw, tensor, index, vals, shapes)
         if self.checked:
             at = self.checked_offset(fw, tensor, at, shapes)
@@ -290,7 +290,10 @@ class ModuleWriter:
                 return made[tensor_of(r)], "f"
             index = [Affine.from_sympy(i) for i in r.indices]
             elem, p = self.address(fw, tensor_of(r), index, vals, shapes, ptr)
-            return fw.op(f"load {elem}, ptr {p}"), ("i" if elem == "i64" else "f")
+            value = fw.op(f"load {elem}, ptr {p}")
+            if elem == "i32":  # window positions are stored narrow; index arithmetic is i64
+                return fw.op(f"sext i32 {value} to i64"), "i"
+            return value, ("i" if elem == "i64" else "f")
 
         def symbol(s):
             if s.name in vals:
@@ -312,9 +315,9 @@ class ModuleWriter:
             fw.raw(f"store {self.ft} {larger}, ptr {p}")
             for (r, _), name in zip(stage.reduce, stage.argmax):
                 _, ap = self.address(fw, name, out_index, vals, shapes, ptr)
-                old = fw.op(f"load i64, ptr {ap}")
-                fw.raw(f"store i64 {fw.op(f'select i1 {take}, i64 {fw.affine(nest.subst[r], vals)}, i64 {old}')}, "
-                       f"ptr {ap}")
+                old = fw.op(f"load i32, ptr {ap}")
+                where = fw.op(f"trunc i64 {fw.affine(nest.subst[r], vals)} to i32")
+                fw.raw(f"store i32 {fw.op(f'select i1 {take}, i32 {where}, i32 {old}')}, ptr {ap}")
             return
         if accumulate:
             value = fw.op(f"fadd {FAST} {self.ft} {fw.op(f'load {self.ft}, ptr {p}')}, {value}")
@@ -378,6 +381,7 @@ class ModuleWriter:
 
 
 UNITS_PHASE = "train"  # the phase whose kernels can also be run one at a time
+ELEMENT = {"int": "i64", "index": "i32"}  # integer tensors' LLVM element types (floats: the program's)
 
 
 def zero_when_masked(e, v) -> bool:
@@ -615,10 +619,9 @@ class MaxRow(RegisterRow):
     def __init__(self, *args, nest, epilogue=()):
         super().__init__(*args, fresh=True, epilogue=epilogue)
         self.partials, self.accs = 1, self.accs[:1]
-        self.nest, self.it = nest, f"<{self.lanes} x i64>"
+        self.nest, self.it = nest, f"<{self.lanes} x i32>"  # window positions, as stored (int32)
         self.winners = {name: self.new_row(self.it) for name in nest.stage.argmax}
-        suffix = f"v{self.lanes}i64"
-        self.index_store = f"@llvm.masked.store.{suffix}.p0"
+        self.index_store = f"@llvm.masked.store.v{self.lanes}i32.p0"
         self.fw.declares.add(f"declare void {self.index_store}({self.it}, ptr, i32, {self.mt})")
 
     def begin(self) -> None:
@@ -632,7 +635,7 @@ class MaxRow(RegisterRow):
     def accumulate_row(self, vals, bounds, accs) -> None:
         fw, vt = self.fw, self.vt
         lo, hi = bounds
-        where = {name: self.splat(fw.affine(self.nest.subst[r], vals), "i64")
+        where = {name: self.splat(fw.op(f"trunc i64 {fw.affine(self.nest.subst[r], vals)} to i32"), "i32")
                  for (r, _), name in zip(self.nest.stage.reduce, self.nest.stage.argmax)}
         for c, slot in enumerate(accs):
             mask = self.lane_mask(c, lo, hi)
@@ -653,9 +656,9 @@ class MaxRow(RegisterRow):
             mask = self.lane_mask(c, "0", str(self.extent - 1))
             for name, rows in self.winners.items():
                 at = self.w.offset(fw, name, self.out_index, vals, self.shapes)
-                p = fw.op(f"getelementptr i64, ptr {self.ptr[name]}, i64 {at}", "p")
+                p = fw.op(f"getelementptr i32, ptr {self.ptr[name]}, i64 {at}", "p")
                 fw.raw(f"call void {self.index_store}({self.it} {fw.op(f'load {self.it}, ptr {rows[c]}')}, ptr {p}, "
-                       f"i32 8, {self.mt} {mask})")
+                       f"i32 4, {self.mt} {mask})")
         del vals[self.v]
         super().end(vals)
 
@@ -675,8 +678,8 @@ class InterleavedRow(RegisterRow):
         suffix = f"v{2 * n}{'f32' if fw.ft == 'float' else 'f64'}"
         self.wide_store = f"@llvm.masked.store.{suffix}.p0"
         fw.declares.add(f"declare void {self.wide_store}({self.wide}, ptr, i32, {self.wide_mask})")
-        self.index_load = f"@llvm.masked.load.v{n}i64.p0"
-        fw.declares.add(f"declare <{n} x i64> {self.index_load}(ptr, i32, {self.mt}, <{n} x i64>)")
+        for ty in ("i32", "i64"):
+            fw.declares.add(f"declare <{n} x {ty}> @llvm.masked.load.v{n}{ty}.p0(ptr, i32, {self.mt}, <{n} x {ty}>)")
         self.zip = ", ".join(f"i32 {k // 2 + (k % 2) * n}" for k in range(2 * n))
 
     def innermost(self, vals, row_bounds) -> None:
@@ -696,17 +699,20 @@ class InterleavedRow(RegisterRow):
         del vals[self.v]
 
     def index_vector(self, e, vals, mask) -> str:
-        """An integer operand of a comparison, as a vector of i64 lanes."""
-        fw = self.fw
-        if isinstance(e, sympy.Indexed):
-            index = [Affine.from_sympy(i) for i in e.indices]
-            at = self.w.offset(fw, tensor_of(e), index, vals, self.shapes)
-            p = fw.op(f"getelementptr i64, ptr {self.ptr[tensor_of(e)]}, i64 {at}", "p")
-            if index[-1].coeff(self.v):
-                return fw.op(f"call <{self.lanes} x i64> {self.index_load}(ptr {p}, i32 8, {self.mt} {mask}, "
-                             f"<{self.lanes} x i64> zeroinitializer)")
-            return self.splat(fw.op(f"load i64, ptr {p}"), "i64")
-        return self.splat(fw.affine(Affine.from_sympy(e), vals), "i64")
+        """An integer operand of a comparison, as a vector of i64 lanes (int32 tensors widened)."""
+        fw, n = self.fw, self.lanes
+        if not isinstance(e, sympy.Indexed):
+            return self.splat(fw.affine(Affine.from_sympy(e), vals), "i64")
+        ty = ELEMENT[self.w.prog.tensors[tensor_of(e)].dtype]
+        index = [Affine.from_sympy(i) for i in e.indices]
+        at = self.w.offset(fw, tensor_of(e), index, vals, self.shapes)
+        p = fw.op(f"getelementptr {ty}, ptr {self.ptr[tensor_of(e)]}, i64 {at}", "p")
+        if index[-1].coeff(self.v):
+            value = fw.op(f"call <{n} x {ty}> @llvm.masked.load.v{n}{ty}.p0(ptr {p}, i32 {int(ty[1:]) // 8}, "
+                          f"{self.mt} {mask}, <{n} x {ty}> zeroinitializer)")
+        else:
+            value = self.splat(fw.op(f"load {ty}, ptr {p}"), ty)
+        return value if ty == "i64" else fw.op(f"sext <{n} x {ty}> {value} to <{n} x i64>")
 
     def emit_operation(self, e, vals, mask, made) -> str:
         if isinstance(e, sympy.KroneckerDelta):

@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from cnncompile.ir.buffers import PERSISTENT, plan_buffers
+from cnncompile.ir.buffers import PERSISTENT, array_dtype, plan_buffers
 from cnncompile.ir.expr import BATCH, PHASES, Program
 from .codegen import UNITS_PHASE, ModuleWriter
 from .jit import Compiled, compile_workers, fingerprint
@@ -113,7 +113,7 @@ class LLVMExecutable:
 
     def allocate(self, spec, batch: int) -> np.ndarray:
         shape = tuple(batch if d is BATCH else d for d in spec.shape)
-        return aligned_zeros(shape, np.int64 if spec.dtype == "int" else self.dtype)
+        return aligned_zeros(shape, array_dtype(spec, self.dtype))
 
     def plan(self, batch: int, share: bool = True):
         """The buffer plan, with lifetimes counted in kernels (fused stages run, and so hold
@@ -134,7 +134,7 @@ class LLVMExecutable:
                     continue
                 at = plan.placements[name]
                 shape = tuple(batch if d is BATCH else d for d in spec.shape)
-                dtype = np.int64 if spec.dtype == "int" else self.dtype
+                dtype = array_dtype(spec, self.dtype)
                 env[name] = arena[at.offset:at.offset + at.nbytes].view(dtype).reshape(shape)
             pointers = (ctypes.c_void_p * len(env))(*(env[n].ctypes.data for n in self.prog.tensors))
             self.bound[(batch, share)] = (env, pointers)

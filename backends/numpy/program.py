@@ -6,7 +6,7 @@ import numpy as np
 from cnncompile.ir.expr import BATCH, Program
 from .run import StageRunner
 
-from cnncompile.ir.buffers import PERSISTENT, plan_buffers
+from cnncompile.ir.buffers import PERSISTENT, array_dtype, plan_buffers
 
 
 class Env(dict):
@@ -39,7 +39,7 @@ class NumpyExecutable:
 
     def allocate(self, spec, sizes):
         shape = tuple(int(d.subs(sizes)) if hasattr(d, "subs") else d for d in spec.shape)
-        return np.zeros(shape, dtype=np.int64 if spec.dtype == "int" else self.dtype)
+        return np.zeros(shape, dtype=array_dtype(spec, self.dtype))
 
     def bind(self, batch: int, share: bool = True) -> tuple[Env, dict]:
         """Buffers and stage plans for one batch size, made once and reused. The reference
