@@ -529,20 +529,28 @@ def epilogue_host(kernel: Kernel) -> bool:
     """Does the main finish each output value once, at one place in its loops, for every output
     point? Each class has one term whose loops visit all its outputs, the output index is the
     stage's own variables in order, and either a register template holds the value (at the
-    row's end) or plain loops have every output variable outside the reductions (the value is
-    final when they close)."""
+    row's end) or plain loops close their reductions somewhere (the values are final there; output
+    loops inside the reductions are run again for the epilogue: see `reductions_closed`)."""
     main = kernel.main
     if main.accumulate or not main.domain or tuple(main.out_index) != tuple(Affine.var(v) for v, _ in main.domain):
         return False
     for nest, templates in zip(kernel.nests, kernel.templates):
         if nest.empty or len(nest.terms) != 1 or not covers_outputs(nest, nest.terms[0]):
             return False
-        if templates[0].kind == "scalar":
-            if set(templates[0].order[:nest.n_outer]) != {v for v, _ in nest.outer}:
-                return False
-        elif main.combine != "sum":
+        if templates[0].fresh and templates[0].kind == "scalar" and reductions_closed(nest, templates[0].order)[1]:
+            return False  # (a max-pool gradient: its classes run merged, as vectors, only without one)
+        if templates[0].kind != "scalar" and main.combine != "sum":
             return False
     return True
+
+
+def reductions_closed(nest: ClassNest, order) -> tuple[int, list]:
+    """Where plain loops in ``order`` have finished every sum: the loop level after which the
+    outputs of the enclosing loops are final, and the output variables of the loops inside it
+    (the epilogue loops over those again: a dense weight gradient's row, order n, b, k)."""
+    reduce_ = {r for r, _ in nest.reduce}
+    level = min((k for k, v in enumerate(order) if v in reduce_), default=len(order))
+    return level, [v for v in order[level:] if v not in reduce_]
 
 
 def epilogue_body(kernel: Kernel, stage: Stage, prog: Program):

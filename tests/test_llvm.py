@@ -171,6 +171,9 @@ def test_schedule_fuses_elementwise_stages_and_updates_into_their_producers():
     plan = {k.main.out: [s.out for s in k.stages[1:]] for k in Scheduler(model.prog).kernels("train")}
     assert plan["0.out.conv"] == ["0.out", "1.out"]  # bias and ReLU in the convolution's epilogue
     assert plan["dL/d0.weight"] == ["0.weight.momentum_buffer", "0.weight"]  # the update in the gradient's
+    # a dense weight gradient (plain loops n, b, k: the row k inside the sum) hosts its update too,
+    # in a loop over the row once the sum over b is closed
+    assert plan["dL/d7.weight"] == ["7.weight.momentum_buffer", "7.weight"]
     assert len(plan) < len(model.prog.phase_stages("train"))
     grads = {k.main.out: [s.out for s in k.stages[1:]] for k in Scheduler(model.prog).kernels("grads")}
     assert grads["dL/d0.weight"] == []  # no update where gradients are only handed out

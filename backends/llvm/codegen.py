@@ -20,7 +20,7 @@ from cnncompile.ir.affine import Affine
 from cnncompile.ir.expr import PHASES, Program, tensor_of
 from cnncompile.ir.residue import substitute
 from cnncompile.ir.loops import BATCH_LAST, ClassNest, fm_bounds, shapes_of, stage_tensors
-from cnncompile.ir.schedule import Kernel, Scheduler
+from cnncompile.ir.schedule import Kernel, Scheduler, reductions_closed
 from .emit import FAST, BodyWriter, FunctionWriter
 
 
@@ -100,8 +100,11 @@ class ModuleWriter:
             jam = each_in_block(fw, tpl.block if vector is None else None)
             finish = None
             if vector is None and epilogue:  # plain loops: the epilogue once the reductions are done
-                finish = (nest.n_outer, jam(lambda vals: self.scalar_epilogue(fw, stage.out, nest.out_index, vals,
-                                                                              shapes, ptr, epilogue)))
+                level, inner = reductions_closed(nest, tpl.order)
+                outputs_block = tpl.block if vector is None and tpl.block and tpl.block[0] in dict(outer) else None
+                point = each_in_block(fw, outputs_block)(
+                    lambda vals: self.scalar_epilogue(fw, stage.out, nest.out_index, vals, shapes, ptr, epilogue))
+                finish = (level, lambda vals: self.whole_range(fw, inner, dict(nest.grid), vals, point))
             self.nest(fw, nest.grid, list(tpl.order), term.constraints, bool(outer),
                       jam(lambda vals, term=term, tpl=tpl: self.statement(fw, stage, term.term, nest.out_index, nest,
                                                                           vals, shapes, ptr, tpl.accumulate)), vector,
@@ -124,6 +127,21 @@ class ModuleWriter:
             vector = InterleavedRow(self, fw, first.stage.out, [(nests[a], nests[b]) for a, b in pairing],
                                     shapes, ptr, v, extent)
         self.nest(fw, first.grid, list(tpl.order), first.terms[0].constraints, bool(first.outer), statements, vector)
+
+    def whole_range(self, fw, names, extents, vals, body) -> None:
+        """``body`` at every point of the variables ``names`` over their whole extents, in order."""
+        if not names:
+            body(vals)
+            return
+        v, rest = names[0], names[1:]
+        hi = "%Bm1" if not isinstance(extents[v], int) else str(extents[v] - 1)
+
+        def inner(value):
+            vals[v] = value
+            self.whole_range(fw, rest, extents, vals, body)
+            del vals[v]
+
+        fw.loop("0", hi, inner)
 
     def scalar_epilogue(self, fw, out, out_index, vals, shapes, ptr, epilogue, value=None) -> None:
         """The epilogue stages at one output point, on the main's finished value (loaded back
