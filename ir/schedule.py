@@ -303,14 +303,15 @@ def reduction_block(term: TermNest, outer, r: str, extent: int, tile: tuple, lan
     free of the tile's variable, so one load serves every kernel column; they run along the row
     at offset 0 and stay inside their tensor over the whole row, so that load may take the row's
     full extent (the term is still 0 outside each column's range: it is a product with a read
-    that carries the tile's variable and its exact mask). Returns (u, size, extent) or None."""
+    that carries the tile's variable and its exact mask). Each (column, block member) keeps one
+    accumulator for all the row's chunks (the code generator adds the chunks into it), so
+    columns × block ≤ MAX_BLOCK_ACCUMULATORS. Returns (u, size, extent) or None."""
     tile_var, tile_extent = tile
     term_ = term.term
     reads = list(term_.atoms(sympy.Indexed))
     precise = [x for x in reads if mentions(x, tile_var) and Affine.from_sympy(x.indices[-1]).coeff(r)]
     if not isinstance(term_, sympy.Mul) or not any(x in term_.args for x in precise):
         return None
-    chunks = -(-extent // lanes)
     for u, ext in outer:
         if u == tile_var or not isinstance(ext, int) or any(c.expr.coeff(u) for c in term.constraints):
             continue
@@ -319,7 +320,7 @@ def reduction_block(term: TermNest, outer, r: str, extent: int, tile: tuple, lan
             continue
         if not all(whole_row(x, r, extent) for x in with_u):
             continue
-        size = max((t for t in range(2, 9) if ext % t == 0 and t * tile_extent * chunks <= MAX_BLOCK_ACCUMULATORS),
+        size = max((t for t in range(2, 9) if ext % t == 0 and t * tile_extent <= MAX_BLOCK_ACCUMULATORS),
                    default=None)
         if size is not None:
             return u, size, ext

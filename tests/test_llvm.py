@@ -208,6 +208,17 @@ def test_dense_layers_jam_a_block_of_outputs_around_the_long_loop():
     assert [(t.block, t.order) for t in dx] == [(("n_t", 4, 84), ("b", "n_t", "k"))]  # the sum's block in place
 
 
+def test_filter_gradients_of_wide_maps_block_output_channels():
+    """A 3×3 filter gradient over 32-wide rows (four vectors) keeps one accumulator per kernel
+    column and output channel of a block, the row's chunks added into it: a block of 4 channels
+    (12 accumulators) instead of none (3 columns × 4 chunks filled the 12 before)."""
+    from cnncompile.ir.schedule import Scheduler
+    net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 32 * 32, 2))
+    model = cc.compile(net, input_shape=(16, 32, 32), loss=nn.CrossEntropyLoss(), backend="numpy")
+    [tpl] = [Scheduler(model.prog).single(s).templates[0][0] for s in model.prog.backward if s.out == "dL/d0.weight"]
+    assert (tpl.kind, tpl.extent, tpl.tile, tpl.block) == ("tiled_reduction_row", 32, ("j", 3), ("n", 4, 16))
+
+
 def test_max_pools_run_as_vector_rows_where_a_row_fills_a_vector():
     from cnncompile.ir.schedule import Scheduler
     build, shape = NETS["lenet"]

@@ -465,6 +465,7 @@ class RegisterRow:
         fw.declares.add(f"declare void {self.store_fn}({self.vt}, ptr, i32, {self.mt})")
         self.partials = {1: 4, 2: 2}.get(self.chunks, 1)  # independent FMA chains per output vector
         self.partial, self.valid = 0, None
+        self.collapsed = False  # one accumulator per row for all its chunks (a reduction row's sum)
         self.shared = None  # a block's loads shared by its rows (see TiledRow)
         self.zero_outside = zero_when_masked(term, v)
         self.accs = [self.new_row() for _ in range(self.partials)]
@@ -507,7 +508,8 @@ class RegisterRow:
     def accumulate_row(self, vals, bounds, accs) -> None:
         fw = self.fw
         lo, hi = bounds
-        for c, slot in enumerate(accs):
+        for c in range(self.chunks):
+            slot = accs[0] if self.collapsed else accs[c]
             mask = self.lane_mask(c, lo, hi)
             if self.valid is not None:  # an unrolled copy past the loop's end adds nothing
                 mask = fw.op(f"and {self.mt} {mask}, {self.splat(self.valid, 'i1')}")
@@ -819,7 +821,11 @@ class TiledReductionRow(ReductionRow):
         self.tile_var, self.tile_extent = tile
         self.block = block
         self.grid = [(b, t) for b in range(block[1] if block else 1) for t in range(self.tile_extent)]
-        self.tiles = {key: (self.accs[0] if k == 0 else self.new_row()) for k, key in enumerate(self.grid)}
+        # with a block, the rows' chunks add into one accumulator each: kernel columns × block chains
+        # are independent enough, and the block may then be as large as one chunk's would be
+        self.collapsed = block is not None and self.chunks > 1
+        self.tiles = {key: (self.accs[0] if k == 0 else self.new_row())[:1 if self.collapsed else None]
+                      for k, key in enumerate(self.grid)}
 
     def rows(self) -> list[list[str]]:
         return list(self.tiles.values())
