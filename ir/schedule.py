@@ -76,7 +76,7 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
         return Template("max_row", tuple(row_order), accumulate, row_order[-1], dict(nest.grid)[row_order[-1]],
                         len(outer) - 1, fresh=True)
     if vectorizable(stage, term.term, nest.out_index, outer, reduce_, row_order, prog):
-        fresh = not stage.accumulate and covers_outputs(nest, term)
+        fresh = not stage.accumulate and covers_outputs(nest, term) and not nest.empty  # (empty: zeros to write)
         row, extent = row_order[-1], dict(nest.grid)[row_order[-1]]
         tile = output_tile(term, [(v, e) for v, e in outer if v in movable], row, extent, lanes)
         if tile is not None:
@@ -182,16 +182,16 @@ def loop_order(outer, reduce_, strided=lambda v: 0) -> list[str]:
 def vectorizable(stage, term, out_index, outer, reduce_, order, prog) -> bool:
     """Can the innermost output variable run as a row of vector accumulators kept in registers
     across the reduction loops? Needs: a sum with reductions, the innermost loop an output
-    variable that is the output's last index (unit stride) and at most MAX_ROW long, every read
-    either free of it or unit-stride in it on its last index, float reads only, and a body of
-    +, ×, constants and runtime scalars."""
+    variable that is the output's last index (unit stride, or 2: stored every other element) and at
+    most MAX_ROW long, every read either free of it or unit-stride in it on its last index, float
+    reads only, and a body of +, ×, constants and runtime scalars."""
     if stage.combine != "sum" or not reduce_ or len(outer) < 2 or stage.argmax:
         return False
     v, extent = order[-1], dict(outer).get(order[-1])
     if extent is None or not isinstance(extent, int) or extent > MAX_ROW or extent < 4:
         return False
-    if out_index[-1] != Affine.var(v) or any(e.coeff(v) for e in out_index[:-1]):
-        return False
+    if out_index[-1].coeff(v) not in (1, 2) or any(e.coeff(v) for e in out_index[:-1]):
+        return False  # (stride 2: a stride-2 input gradient's residue class, stored every other element)
     return unit_stride_reads(term, v, prog) and vector_safe(term, {name for name, _ in outer + reduce_})
 
 

@@ -33,12 +33,29 @@ class Residual(nn.Module):
         return self.head(nn.functional.flatten(self.pool(h)))
 
 
+class Downsample(nn.Module):
+    """A projection shortcut beside a stride-2 convolution: their input gradients (vector rows
+    stored every other element, empty residue classes zeroed) add into one tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.shortcut = nn.Conv2d(4, 6, 1, stride=2)
+        self.head = nn.Linear(6 * 9 * 9, 5)
+
+    def forward(self, x):
+        h = nn.functional.relu(self.stem(x))
+        return self.head(nn.functional.flatten(self.conv(h) + self.shortcut(h)))
+
+
 NETS = {
     "lenet": (lambda: nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.Sigmoid(),
                                     nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 10)), (1, 32, 32)),
     "strided": (lambda: nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=3, padding=2, dilation=2), nn.LeakyReLU(0.2),
                                       nn.Conv2d(3, 5, 2, stride=2, dilation=2), nn.Flatten(), nn.Linear(20, 5)), (2, 13, 11)),
     "residual": (Residual, (3, 11, 10)),
+    "downsample": (Downsample, (3, 18, 17)),
     # dense layers with blocks of 8 outputs around their 200-long loops (3 blocks for 2 threads)
     "dense": (lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(200, 24), nn.ReLU(),
                                     nn.Linear(24, 5)), (1, 12, 12)),

@@ -528,20 +528,41 @@ class RegisterRow:
         for c in range(self.chunks):
             vals[self.v] = str(c * self.lanes)
             mask = self.lane_mask(c, "0", str(self.extent - 1))
-            p = self.address(self.out, self.out_index, vals)
-            total = None if self.fresh else fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, "
-                                                  f"{self.mt} {mask}, {self.vt} zeroinitializer)")
+            total = None if self.fresh else self.load_row(self.out, vals, mask)
             for row in self.accs:  # partial sums in a fixed order: deterministic
                 value = fw.op(f"load {self.vt}, ptr {row[c]}")
                 total = value if total is None else fw.op(f"fadd {FAST} {self.vt} {total}, {value}")
-            fw.raw(f"call void {self.store_fn}({self.vt} {total}, ptr {p}, i32 {self.align}, {self.mt} {mask})")
+            self.store_row(self.out, vals, total, mask)
             made = {self.out: total}
             for stage, body in self.epilogue:
                 made[stage.out] = self.emit(body, vals, mask, made)
-                p = self.address(stage.out, self.out_index, vals)
-                fw.raw(f"call void {self.store_fn}({self.vt} {made[stage.out]}, ptr {p}, i32 {self.align}, "
-                       f"{self.mt} {mask})")
+                self.store_row(stage.out, vals, made[stage.out], mask)
         del vals[self.v]
+
+    def load_row(self, tensor, vals, mask) -> str:
+        """The row's lanes of ``tensor`` at the output index (see `store_row`)."""
+        if self.out_index[-1].coeff(self.v) == 2:
+            return self.strided_load(tensor, list(self.out_index), vals, mask)
+        p = self.address(tensor, self.out_index, vals)
+        return self.fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {mask}, "
+                          f"{self.vt} zeroinitializer)")
+
+    def store_row(self, tensor, vals, value, mask) -> None:
+        """The row's lanes into ``tensor`` at the output index: contiguous, or every other element
+        when the row variable strides the output by 2 (a stride-2 input gradient's residue class)."""
+        fw, n = self.fw, self.lanes
+        p = self.address(tensor, self.out_index, vals)
+        if self.out_index[-1].coeff(self.v) != 2:
+            fw.raw(f"call void {self.store_fn}({self.vt} {value}, ptr {p}, i32 {self.align}, {self.mt} {mask})")
+            return
+        wide, wide_mask = f"<{2 * n} x {fw.ft}>", f"<{2 * n} x i1>"
+        suffix = f"v{2 * n}{'f32' if fw.ft == 'float' else 'f64'}"
+        fw.declares.add(f"declare void @llvm.masked.store.{suffix}.p0({wide}, ptr, i32, {wide_mask})")
+        spread = ", ".join(f"i32 {k // 2 if k % 2 == 0 else n}" for k in range(2 * n))  # odd lanes: off
+        spread_value = fw.op(f"shufflevector {self.vt} {value}, {self.vt} zeroinitializer, <{2 * n} x i32> <{spread}>")
+        spread_mask = fw.op(f"shufflevector {self.mt} {mask}, {self.mt} zeroinitializer, <{2 * n} x i32> <{spread}>")
+        fw.raw(f"call void @llvm.masked.store.{suffix}.p0({wide} {spread_value}, ptr {p}, i32 {self.align}, "
+               f"{wide_mask} {spread_mask})")
 
     def address(self, tensor, index, vals) -> str:
         at = self.w.offset(self.fw, tensor, index, vals, self.shapes)
