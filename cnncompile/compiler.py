@@ -129,4 +129,3 @@ def backend_class(backend):
             return LLVMExecutable
     from cnncompile.backends.numpy.program import NumpyExecutable
     return NumpyExecutable
-

@@ -87,7 +87,7 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
         r, extent = order[-1], dict(nest.grid)[order[-1]]
         tile = row_tile(stage, term.term, outer, reduce_, r, term.constraints, prog)
         if tile is not None:
-            block = reduction_block(term, [(v, e) for v, e in outer if v in movable], r, extent, tile, lanes)
+            block = reduction_block(term, [(v, e) for v, e in outer if v in movable], r, extent, tile)
             return Template("tiled_reduction_row", tuple(o for o in order if o != tile[0]), accumulate, r, extent,
                             len(outer) - 1, tile=tile, block=block)
         return Template("reduction_row", tuple(order), accumulate, r, extent, len(outer),
@@ -95,10 +95,8 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
     order = batch_inward(order, nest, term, prog) if free else order
     jam = dot_block(nest, term, order) if free else None
     if jam is not None and jam[0] in dict(outer):  # outermost: the threads share it in whole blocks
-        return Template("scalar", (jam[0], *(o for o in order if o != jam[0])), accumulate, block=jam)
-    if jam is not None:  # a reduction's block: where it was
-        return Template("scalar", tuple(order), accumulate, block=jam)
-    return Template("scalar", tuple(order), accumulate)
+        order = [jam[0]] + [o for o in order if o != jam[0]]  # (a reduction's block stays where it was)
+    return Template("scalar", tuple(order), accumulate, block=jam)
 
 
 def dot_block(nest: ClassNest, term: TermNest, order) -> tuple | None:
@@ -119,18 +117,18 @@ def dot_block(nest: ClassNest, term: TermNest, order) -> tuple | None:
         if u == r or not isinstance(size, int) or any(c.expr.coeff(u) for c in term.constraints):
             continue
         shared = [x for x in reads if not mentions(x, u) and mentions(x, r)]
-        if not shared or not any(e.coeff(u) for e in nest.out_index):
-            continue
-        block = next((d for d in (8, 4, 2) if size % d == 0), None)
-        if block is not None:
-            return u, block, size
+        if shared and any(e.coeff(u) for e in nest.out_index) and jam_size(size):
+            return u, jam_size(size), size
     if r in dict(nest.outer):  # a row of outputs (a dense input gradient, out[b, k] += W[n, k]·dY[b, n]):
         for u, size in nest.reduce:  # a block of the sum around it keeps each output in a register
-            if isinstance(size, int) and not any(c.expr.coeff(u) for c in term.constraints):
-                block = next((d for d in (8, 4, 2) if size % d == 0), None)
-                if block is not None:
-                    return u, block, size
+            if isinstance(size, int) and not any(c.expr.coeff(u) for c in term.constraints) and jam_size(size):
+                return u, jam_size(size), size
     return None
+
+
+def jam_size(extent: int) -> int | None:
+    """The largest of 8, 4, 2 dividing ``extent`` (an unroll-and-jam block), or None."""
+    return next((d for d in (8, 4, 2) if extent % d == 0), None)
 
 
 def batch_inward(order: list, nest: ClassNest, term: TermNest, prog: Program) -> list:
@@ -297,7 +295,7 @@ def tiled_order(outer, reduce_, row: str, u: str, free: bool) -> list[str]:
 MAX_BLOCK_ACCUMULATORS = 12
 
 
-def reduction_block(term: TermNest, outer, r: str, extent: int, tile: tuple, lanes: int):
+def reduction_block(term: TermNest, outer, r: str, extent: int, tile: tuple):
     """A second output variable ``u`` to block beside a tiled reduction row (output channels of a
     filter gradient, beside its kernel column): the reads with ``u`` (the output gradient) are
     free of the tile's variable, so one load serves every kernel column; they run along the row

@@ -12,8 +12,6 @@ Schedule (how loops run), per residue class of a stage:
 """
 from __future__ import annotations
 
-from fractions import Fraction
-
 import sympy
 
 from cnncompile.ir.affine import Affine
@@ -97,18 +95,19 @@ class ModuleWriter:
                                                                        epilogue=epilogue),
                       "max_row": lambda: MaxRow(*args, nest=nest, epilogue=epilogue),
                       "scalar": lambda: None}[tpl.kind]()
-            jam = each_in_block(fw, tpl.block if vector is None else None)
+            plain_block = tpl.block if vector is None else None  # (vector templates step their own blocks)
+            jam = each_in_block(fw, plain_block)
             finish = None
             if vector is None and epilogue:  # plain loops: the epilogue once the reductions are done
                 level, inner = reductions_closed(nest, tpl.order)
-                outputs_block = tpl.block if vector is None and tpl.block and tpl.block[0] in dict(outer) else None
+                outputs_block = plain_block if plain_block and plain_block[0] in dict(outer) else None
                 point = each_in_block(fw, outputs_block)(
                     lambda vals: self.scalar_epilogue(fw, stage.out, nest.out_index, vals, shapes, ptr, epilogue))
                 finish = (level, lambda vals: self.whole_range(fw, inner, dict(nest.grid), vals, point))
             self.nest(fw, nest.grid, list(tpl.order), term.constraints, bool(outer),
                       jam(lambda vals, term=term, tpl=tpl: self.statement(fw, stage, term.term, nest.out_index, nest,
                                                                           vals, shapes, ptr, tpl.accumulate)), vector,
-                      finish, block=tpl.block if vector is None else None)
+                      finish, block=plain_block)
 
     def merged_nest(self, fw: FunctionWriter, nests: list, tpl, tensors, pairs=None) -> None:
         """Several classes' single fresh terms in one loop nest (see schedule.merge_classes),
@@ -426,6 +425,12 @@ def running_max(fw, ty: str, bool_ty: str, value: str, cur: str) -> tuple[str, s
     return take, fw.op(f"select {bool_ty} {take}, {ty} {value}, {ty} {cur}")
 
 
+def even_lanes(n: int) -> str:
+    """A shuffle pattern spreading W lanes onto the even lanes of 2W (odd lanes take lane 0 of a
+    zero second operand: masked off), for rows that stride memory by 2."""
+    return ", ".join(f"i32 {k // 2 if k % 2 == 0 else n}" for k in range(2 * n))
+
+
 def each_in_block(fw, block):
     """Wrap a statement so that it runs for every member of an unroll-and-jam block, in order
     (the nest sets the block variable to the block's start); without a block, unchanged."""
@@ -555,14 +560,18 @@ class RegisterRow:
         if self.out_index[-1].coeff(self.v) != 2:
             fw.raw(f"call void {self.store_fn}({self.vt} {value}, ptr {p}, i32 {self.align}, {self.mt} {mask})")
             return
-        wide, wide_mask = f"<{2 * n} x {fw.ft}>", f"<{2 * n} x i1>"
-        suffix = f"v{2 * n}{'f32' if fw.ft == 'float' else 'f64'}"
-        fw.declares.add(f"declare void @llvm.masked.store.{suffix}.p0({wide}, ptr, i32, {wide_mask})")
-        spread = ", ".join(f"i32 {k // 2 if k % 2 == 0 else n}" for k in range(2 * n))  # odd lanes: off
-        spread_value = fw.op(f"shufflevector {self.vt} {value}, {self.vt} zeroinitializer, <{2 * n} x i32> <{spread}>")
-        spread_mask = fw.op(f"shufflevector {self.mt} {mask}, {self.mt} zeroinitializer, <{2 * n} x i32> <{spread}>")
-        fw.raw(f"call void @llvm.masked.store.{suffix}.p0({wide} {spread_value}, ptr {p}, i32 {self.align}, "
-               f"{wide_mask} {spread_mask})")
+        self.store_two(p, (value, "zeroinitializer"), (mask, "zeroinitializer"), even_lanes(n))
+
+    def store_two(self, p, values, masks, pattern) -> None:
+        """Two W-lane vectors (and their masks) shuffled by ``pattern`` into 2W lanes, stored from
+        ``p`` with one masked store (lanes whose mask is off are never touched)."""
+        fw, n = self.fw, 2 * self.lanes
+        wide, wide_mask = f"<{n} x {fw.ft}>", f"<{n} x i1>"
+        store = f"@llvm.masked.store.v{n}{'f32' if fw.ft == 'float' else 'f64'}.p0"
+        fw.declares.add(f"declare void {store}({wide}, ptr, i32, {wide_mask})")
+        value = fw.op(f"shufflevector {self.vt} {values[0]}, {self.vt} {values[1]}, <{n} x i32> <{pattern}>")
+        mask = fw.op(f"shufflevector {self.mt} {masks[0]}, {self.mt} {masks[1]}, <{n} x i32> <{pattern}>")
+        fw.raw(f"call void {store}({wide} {value}, ptr {p}, i32 {self.align}, {wide_mask} {mask})")
 
     def address(self, tensor, index, vals) -> str:
         at = self.w.offset(self.fw, tensor, index, vals, self.shapes)
@@ -575,8 +584,7 @@ class RegisterRow:
         wide = f"<{2 * n} x {fw.ft}>"
         suffix = f"v{2 * n}{'f32' if fw.ft == 'float' else 'f64'}"
         fw.declares.add(f"declare {wide} @llvm.masked.load.{suffix}.p0(ptr, i32, <{2 * n} x i1>, {wide})")
-        spread = ", ".join(f"i32 {k // 2 if k % 2 == 0 else n}" for k in range(2 * n))
-        mask2 = fw.op(f"shufflevector {self.mt} {mask}, {self.mt} zeroinitializer, <{2 * n} x i32> <{spread}>")
+        mask2 = fw.op(f"shufflevector {self.mt} {mask}, {self.mt} zeroinitializer, <{2 * n} x i32> <{even_lanes(n)}>")
         p = self.address(tensor, index, vals)
         loaded = fw.op(f"call {wide} @llvm.masked.load.{suffix}.p0(ptr {p}, i32 {self.align}, <{2 * n} x i1> {mask2}, "
                        f"{wide} zeroinitializer)")
@@ -715,28 +723,18 @@ class InterleavedRow(RegisterRow):
                          first_reduce=None, fresh=True)
         self.pairs, self.partials, self.accs = pairs, 1, []
         n = self.lanes
-        self.wide, self.wide_mask = f"<{2 * n} x {fw.ft}>", f"<{2 * n} x i1>"
-        suffix = f"v{2 * n}{'f32' if fw.ft == 'float' else 'f64'}"
-        self.wide_store = f"@llvm.masked.store.{suffix}.p0"
-        fw.declares.add(f"declare void {self.wide_store}({self.wide}, ptr, i32, {self.wide_mask})")
         for ty in ("i32", "i64"):
             fw.declares.add(f"declare <{n} x {ty}> @llvm.masked.load.v{n}{ty}.p0(ptr, i32, {self.mt}, <{n} x {ty}>)")
         self.zip = ", ".join(f"i32 {k // 2 + (k % 2) * n}" for k in range(2 * n))
 
     def innermost(self, vals, row_bounds) -> None:
-        fw = self.fw
         lo, hi = row_bounds()
         for c in range(self.chunks):
             mask = self.lane_mask(c, lo, hi)
             vals[self.v] = str(c * self.lanes)
             for even, odd in self.pairs:
-                halves = [self.emit(nest.terms[0].term, vals, mask) for nest in (even, odd)]
-                both = fw.op(f"shufflevector {self.vt} {halves[0]}, {self.vt} {halves[1]}, "
-                             f"<{2 * self.lanes} x i32> <{self.zip}>")
-                mask2 = fw.op(f"shufflevector {self.mt} {mask}, {self.mt} {mask}, <{2 * self.lanes} x i32> <{self.zip}>")
-                p = self.address(self.out, even.out_index, vals)
-                fw.raw(f"call void {self.wide_store}({self.wide} {both}, ptr {p}, i32 {self.align}, "
-                       f"{self.wide_mask} {mask2})")
+                halves = tuple(self.emit(nest.terms[0].term, vals, mask) for nest in (even, odd))
+                self.store_two(self.address(self.out, even.out_index, vals), halves, (mask, mask), self.zip)
         del vals[self.v]
 
     def index_vector(self, e, vals, mask) -> str:
