@@ -63,6 +63,7 @@ class Stage:
     note: str = ""
     wrt: str = ""  # for backward stages: which read was differentiated
     mode: str = "any"  # any | train | eval: batch norm and dropout differ between the two
+    lanes: str = ""  # an output variable the LLVM schedule runs as vector lanes (set by `layout`)
 
     def with_(self, **kw) -> "Stage":
         return replace(self, **kw)

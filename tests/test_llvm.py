@@ -63,6 +63,10 @@ NETS = {
     # tail); then a 17-wide map whose last column is in no window (per-class loops, not merged)
     "pooling": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(3, 2, 1),
                                       nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 9 * 8, 5)), (2, 36, 34)),
+    # 5- and 4-wide rows: output channels (8, 16) run as vector lanes from packed copies, written
+    # lane by lane, with vector (bias, ReLU) and scalar (ReLU′ reading a strided value) epilogues
+    "lanes": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, (1, 4)), nn.Tanh(),
+                                    nn.Flatten(), nn.Linear(16 * 6 * 2, 5)), (3, 8, 7)),
     # rows of 20 and 18 floats: three vectors each, lanes past the end, under sums that are not 0
     # there ((X − μ)² in the batch variance)
     # (no bias before a batch norm: its true gradient is 0, both backends' values float noise)
@@ -245,7 +249,30 @@ def test_max_pools_run_as_vector_rows_where_a_row_fills_a_vector():
     assert kinds == {"2.out": "max_row", "5.out": "scalar"}  # pooled rows of 14 and 5
 
 
-@pytest.mark.parametrize("name", ["lenet", "pooling"])
+def test_short_rows_run_output_channels_as_vector_lanes():
+    """LeNet-5's second convolution (10-wide rows: 10 of 16 lanes) and its filter gradient (5-wide
+    kernel rows: 5 of 8) run their 16 output channels as the vector instead, from copies of the
+    weights and of the output gradient with the channel axis last; the derivation's own program
+    (what explain shows) keeps reading the tensors as derived."""
+    from cnncompile.ir.layout import pack_lanes
+    from cnncompile.ir.schedule import Scheduler
+    model = cc.compile(runpy.run_path(str(EXAMPLES / "lenet5.py"))["net"], input_shape=(1, 32, 32),
+                       loss=nn.CrossEntropyLoss(), backend="numpy")
+    packed = pack_lanes(model.prog, 8)
+    scheduler = Scheduler(packed)
+    lanes = {s.out: (s.lanes, scheduler.single(s).templates[0][0]) for s in packed.all_stages() if s.lanes}
+    assert {k: (u, t.row, t.extent, t.tile, t.scatter) for k, (u, t) in lanes.items()} == {
+        "3.out.conv": ("n", "n", 16, ("y", 5, 10), True), "dL/d3.weight": ("n", "n", 16, ("j", 5, 5), True)}
+    assert lanes["3.out.conv"][1].order[-2] == "i_t"  # no tile broadcast repeats inside the innermost sum
+    packs = {s.out: str(s.body) for s in packed.all_stages() if s.out.endswith(".lanes")}
+    assert packs == {"3.weight.lanes": "3.weight[p0, p1, p2, p3]", "dL/d3.out.conv.lanes": "dL/d3.out.conv[p0, p1, p2, p3]"}
+    assert packed.tensors["dL/d3.out.conv.lanes"].shape[1:] == (10, 10, 16)
+    assert not any(".lanes" in t for t in model.prog.tensors) and not any(s.lanes for s in model.prog.all_stages())
+    # in 4-lane doubles a 5-wide row still fills 5 of 8 lanes, but a 10-wide one 10 of 12: enough
+    assert pack_lanes(model.prog, 4).tensors.keys() == model.prog.tensors.keys() | {"dL/d3.out.conv.lanes"}
+
+
+@pytest.mark.parametrize("name", ["lenet", "pooling", "lanes"])
 def test_float64_llvm_matches_numpy(name):
     """Four-lane double vectors through the same templates (interleaved pool rows included)."""
     build, shape = NETS[name]

@@ -13,12 +13,24 @@ Schedule (how loops run), per residue class of a stage:
 from __future__ import annotations
 
 import sympy
-
 from cnncompile.ir.affine import Affine
 from cnncompile.ir.expr import PHASES, Program, tensor_of
+from cnncompile.ir.loops import (
+    BATCH_LAST,
+    ClassNest,
+    fm_bounds,
+    shapes_of,
+    stage_tensors,
+)
 from cnncompile.ir.residue import substitute
-from cnncompile.ir.loops import BATCH_LAST, ClassNest, fm_bounds, shapes_of, stage_tensors
-from cnncompile.ir.schedule import Kernel, Scheduler, reductions_closed
+from cnncompile.ir.schedule import (
+    Kernel,
+    Scheduler,
+    reductions_closed,
+    unit_stride_reads,
+    vector_safe,
+)
+
 from .emit import FAST, BodyWriter, FunctionWriter
 
 
@@ -473,6 +485,7 @@ class RegisterRow:
         self.collapsed = False  # one accumulator per row for all its chunks (a reduction row's sum)
         self.shared = None  # a block's loads shared by its rows (see TiledRow)
         self.zero_outside = zero_when_masked(term, v)
+        self.scatter = not out_index[-1].coeff(v)  # lanes along another axis (schedule.lanes_row)
         self.accs = [self.new_row() for _ in range(self.partials)]
 
     def new_row(self, ty: str | None = None) -> list[str]:
@@ -530,6 +543,9 @@ class RegisterRow:
         """Add the row to the output (or, fresh, write it), lanes past the row's end masked off;
         then the epilogue stages on the row while it is still in registers."""
         fw = self.fw
+        if self.scatter:
+            self.scatter_end(vals)
+            return
         for c in range(self.chunks):
             vals[self.v] = str(c * self.lanes)
             mask = self.lane_mask(c, "0", str(self.extent - 1))
@@ -542,6 +558,34 @@ class RegisterRow:
             for stage, body in self.epilogue:
                 made[stage.out] = self.emit(body, vals, mask, made)
                 self.store_row(stage.out, vals, made[stage.out], mask)
+        del vals[self.v]
+
+    def scatter_end(self, vals) -> None:
+        """A row along a variable that is not the output's last index (see schedule.lanes_row):
+        each lane written by itself, the epilogue stages run on it as scalars. Fresh rows only."""
+        fw = self.fw
+        names = {v for e in self.out_index for v in e.vars} | set(vals)
+        as_vectors = all(vector_safe(body, names, piecewise=True) and unit_stride_reads(body, self.v, self.w.prog)
+                         for _, body in self.epilogue)
+        for c in range(self.chunks):
+            total = None
+            for row in self.accs:
+                value = fw.op(f"load {self.vt}, ptr {row[c]}")
+                total = value if total is None else fw.op(f"fadd {FAST} {self.vt} {total}, {value}")
+            made = {self.out: total}
+            if as_vectors:  # the epilogue on the vector (its reads free of the row or along it)
+                vals[self.v] = str(c * self.lanes)
+                mask = self.lane_mask(c, "0", str(self.extent - 1))
+                for stage, body in self.epilogue:
+                    made[stage.out] = self.emit(body, vals, mask, made)
+            for k in range(min(self.lanes, self.extent - c * self.lanes)):
+                vals[self.v] = str(c * self.lanes + k)
+                lanes = {t: fw.op(f"extractelement {self.vt} {value}, i64 {k}") for t, value in made.items()}
+                for t, lane in lanes.items():
+                    self.w.store(fw, t, self.out_index, vals, self.shapes, self.ptr, lane)
+                if not as_vectors:
+                    self.w.scalar_epilogue(fw, self.out, self.out_index, vals, self.shapes, self.ptr, self.epilogue,
+                                           lanes[self.out])
         del vals[self.v]
 
     def load_row(self, tensor, vals, mask) -> str:

@@ -11,9 +11,10 @@ import os
 import threading
 
 import numpy as np
-
 from cnncompile.ir.buffers import PERSISTENT, array_dtype, plan_buffers
 from cnncompile.ir.expr import BATCH, PHASES, Program
+from cnncompile.ir.layout import pack_lanes
+
 from .codegen import UNITS_PHASE, ModuleWriter
 from .jit import Compiled, compile_workers, fingerprint
 
@@ -76,14 +77,16 @@ class LLVMExecutable:
     def __init__(self, prog: Program, dtype=np.float32, use_cache: bool = True, manifest: dict | None = None):
         """``manifest`` is what an earlier compile of the same program generated (see
         `manifest()`, stored by the program cache): given, no IR is written again."""
-        self.prog, self.dtype = prog, np.dtype(dtype)
+        self.dtype = np.dtype(dtype)
         self.checked = os.environ.get("CNNCOMPILE_CHECK") == "1"
         if manifest is None:
             ftype = "float" if self.dtype == np.float32 else "double"
-            writer = ModuleWriter(prog, ftype, PLACEHOLDER, checked=self.checked)
+            code_prog = prog if self.checked else pack_lanes(prog, 8 if ftype == "float" else 4)
+            writer = ModuleWriter(code_prog, ftype, PLACEHOLDER, checked=self.checked)
             manifest = {"texts": writer.modules(compile_workers()), "scalar_names": writer.scalar_names,
-                        "steps": writer.steps, "units": writer.units}
+                        "steps": writer.steps, "units": writer.units, "program": code_prog}
         self._manifest = manifest
+        self.prog = manifest["program"]  # the program the code was written from (with packed layouts)
         texts = manifest["texts"]
         self.scalar_names, self.steps, self.unit_stages = manifest["scalar_names"], manifest["steps"], manifest["units"]
         prefix = "cc_" + fingerprint("\n".join(texts))[:16]
