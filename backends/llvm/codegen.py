@@ -45,7 +45,8 @@ class ModuleWriter:
         self.stage_index = {id(s): k for k, s in enumerate(prog.all_stages())}
         self.tensor_ids = {name: k for k, name in enumerate(prog.tensors)}
         self.scalar_names = sorted({s.name for st in self.all_stages() for s in st.body.free_symbols
-                                    if not s.is_integer} - {"B"})
+                                    if isinstance(s, sympy.Symbol) and not s.is_integer} - {"B"} - set(prog.tensors))
+        # (runtime scalars only: a read, and its tensor's name, count among sympy's free symbols)
         self.functions: list[str] = []
         self.signatures: dict[str, str] = {}  # stage function → its declaration, for split modules
         self.bodies: dict[str, str] = {}  # function text without its name → the function's name
