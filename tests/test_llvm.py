@@ -301,6 +301,52 @@ def test_convolution_kernels_use_packed_fma_on_ymm(monkeypatch):
         assert any("vfmadd" in line and "ps" in line and "ymm" in line for line in body.splitlines()), j
 
 
+def test_models_trained_from_two_python_threads_match_sequential_training():
+    """The process's native worker pool serves one phase at a time: two models stepping in two
+    Python threads at once end exactly where the same steps one after another end."""
+    import threading
+    build, shape = NETS["lanes"]
+    rng = np.random.default_rng(3)
+    batches = [(rng.standard_normal((7, *shape)).astype(np.float32), rng.integers(0, 5, 7)) for _ in range(6)]
+
+    def fresh(seed):
+        return cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="llvm", seed=seed,
+                          optimizer=cc.optim.SGD(lr=0.05, momentum=0.9))
+
+    def train(model):
+        for x, y in batches:
+            model.train_step(x, y)
+
+    alone = [fresh(1), fresh(2)]
+    for m in alone:
+        train(m)
+    together = [fresh(1), fresh(2)]
+    threads = [threading.Thread(target=train, args=(m,)) for m in together]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        for k, v in a.state_dict().items():
+            np.testing.assert_array_equal(b.state_dict()[k], v, err_msg=k)
+
+
+def test_idle_worker_pool_sleeps(monkeypatch):
+    """Between phases the workers spin only briefly: idle, the process uses a small fraction of
+    a core (a busy-waiting pool would use one whole core per worker)."""
+    import time
+    monkeypatch.setenv("CNNCOMPILE_THREADS", "2")
+    build, shape = NETS["lanes"]
+    model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="llvm")
+    assert model.executable.threads == 2
+    model.predict(np.zeros((4, *shape), np.float32))
+    time.sleep(0.3)  # past the yielding phase
+    cpu, wall = time.process_time(), time.perf_counter()
+    time.sleep(0.5)
+    used = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    assert used < 0.25, f"idle workers used {used:.0%} of a core"
+
+
 def train_three(threads: int):
     env = dict(os.environ, CNNCOMPILE_THREADS=str(threads))
     code = textwrap.dedent("""

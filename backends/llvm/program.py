@@ -17,6 +17,7 @@ from cnncompile.ir.layout import pack_lanes
 
 from .codegen import UNITS_PHASE, ModuleWriter
 from .jit import Compiled, compile_workers, fingerprint
+from .workers import pool
 
 ALIGN = 64
 PHASE_SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -45,32 +46,6 @@ class Env(dict):
         self.scalars = scalars if scalars is not None else {}
 
 
-class Workers:
-    """Persistent threads that each call the phase function with their thread index."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.jobs = [threading.Semaphore(0) for _ in range(n - 1)]
-        self.done = threading.Semaphore(0)
-        self.task = None
-        for k in range(1, n):
-            threading.Thread(target=self._serve, args=(k,), daemon=True).start()
-
-    def _serve(self, k: int) -> None:
-        while True:
-            self.jobs[k - 1].acquire()
-            self.task(k)
-            self.done.release()
-
-    def run(self, task) -> None:
-        self.task = task
-        for job in self.jobs:
-            job.release()
-        task(0)
-        for _ in self.jobs:
-            self.done.acquire()
-
-
 class LLVMExecutable:
     name = "llvm"
 
@@ -97,11 +72,12 @@ class LLVMExecutable:
                 _loaded[prefix] = Compiled(parts, use_cache)
         self.compiled = _loaded[prefix]
         names = list(PHASES) + [f"{UNITS_PHASE}_u{j}" for j in range(len(self.unit_stages))]
-        self.phases = {p: PHASE_SIGNATURE(self.compiled.address(f"{prefix}_{p}")) for p in names}
+        self.addresses = {p: self.compiled.address(f"{prefix}_{p}") for p in names}
+        self.phases = {p: PHASE_SIGNATURE(a) for p, a in self.addresses.items()}
         self.state = {n: self.allocate(s, 1) for n, s in prog.tensors.items() if s.role in PERSISTENT}
         self.bound: dict[int, tuple] = {}
         self.threads = thread_count()
-        self.workers = Workers(self.threads)
+        self.workers = pool(self.threads)
         self.barrier = aligned_zeros((16,), np.int32)
         self.scalars = aligned_zeros((len(self.scalar_names) + 4,), np.float64)  # + bounds-check report
 
@@ -170,7 +146,7 @@ class LLVMExecutable:
         fn, ptrs, scal, bar = self.phases[phase], ctypes.addressof(pointers), self.scalars.ctypes.data, \
             self.barrier.ctypes.data
         n = self.threads
-        self.workers.run(lambda tid: fn(ptrs, scal, batch, tid, n, bar))
+        self.workers.run(self.addresses[phase], lambda tid: fn(ptrs, scal, batch, tid, n, bar), ptrs, scal, batch, bar)
         if self.checked:
             self.raise_violation(batch)
         return env

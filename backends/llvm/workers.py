@@ -1,0 +1,150 @@
+"""Native worker threads: the other cores' share of every phase, handed over without Python.
+
+A Python semaphore hand-off (wake a thread, which then takes the GIL to make its ctypes call,
+and signal back) cost 105–130 µs per phase on this machine, and the woken core started late.
+Here each worker sits in a native loop (a Python thread that entered it once, the GIL released)
+watching a generation counter: the caller writes the phase's arguments, bumps the counter, runs
+thread 0's share itself and waits natively for the workers' finish count. Idle workers spin
+briefly, then yield the core, then sleep between looks (200 µs, and 2 ms once idle for 0.2 s), so
+a pool left alone costs next to nothing and never holds a core from other programs for long.
+Measured, LeNet-5 train step, interleaved: 1.97 ms against 2.57 ms with Python threads.
+
+One pool per thread count serves every executable of the process, one phase at a time.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import numpy as np
+
+from .jit import Compiled, engine
+
+CONTROL = ("generation", "finished", "function", "buffers", "scalars", "batch", "threads", "barrier")
+YIELD_CYCLES = 10_000_000  # ≈ 4 ms of yielding before the sleeps start (cycles of the time-stamp counter)
+NAP_CYCLES = 500_000_000  # ≈ 0.2 s of 200 µs naps, then 2 ms sleeps: an idle pool wakes 500 times a second
+
+ARGUMENTS = "\n".join(f"  %p{k} = getelementptr inbounds i64, ptr %ctl, i64 {k}\n  %{name} = load {ty}, ptr %p{k}"
+                      for k, (name, ty) in enumerate((("fn", "ptr"), ("bufs", "ptr"), ("scalars", "ptr"),
+                                                      ("batch", "i64"), ("nt", "i64"), ("bar", "ptr")), start=2))
+
+
+RUNTIME_IR = f"""
+declare void @llvm.x86.sse2.pause()
+declare i32 @sched_yield()
+declare i32 @usleep(i32)
+declare i64 @llvm.readcyclecounter()
+
+define internal void @cc_rt_idle(i64 %spins, i64 %since) noinline {{
+entry:
+  %short = icmp ult i64 %spins, 2000
+  br i1 %short, label %pause, label %long
+pause:
+  call void @llvm.x86.sse2.pause()
+  ret void
+long:
+  %now = call i64 @llvm.readcyclecounter()
+  %elapsed = sub i64 %now, %since
+  %recent = icmp ult i64 %elapsed, {YIELD_CYCLES}
+  br i1 %recent, label %yield, label %sleep
+yield:
+  %y = call i32 @sched_yield()
+  ret void
+sleep:
+  %idle = icmp ult i64 %elapsed, {NAP_CYCLES}
+  %micros = select i1 %idle, i32 200, i32 2000
+  %s = call i32 @usleep(i32 %micros)
+  ret void
+}}
+
+define internal i64 @cc_rt_await(ptr %slot, i64 %value, i1 %change) noinline {{
+entry:
+  %since = call i64 @llvm.readcyclecounter()
+  br label %poll
+poll:
+  %spins = phi i64 [ 0, %entry ], [ %next, %idle ]
+  %now = load atomic i64, ptr %slot acquire, align 8
+  %moved = icmp ne i64 %now, %value
+  %reached = icmp sge i64 %now, %value
+  %ready = select i1 %change, i1 %moved, i1 %reached
+  br i1 %ready, label %out, label %idle
+idle:
+  call void @cc_rt_idle(i64 %spins, i64 %since)
+  %next = add i64 %spins, 1
+  br label %poll
+out:
+  ret i64 %now
+}}
+
+define void @cc_rt_serve(ptr %ctl, i64 %tid) {{
+entry:
+  %finished = getelementptr inbounds i64, ptr %ctl, i64 1
+  %g0 = load atomic i64, ptr %ctl acquire, align 8
+  br label %wait
+wait:
+  %seen = phi i64 [ %g0, %entry ], [ %g, %wait ]
+  %g = call i64 @cc_rt_await(ptr %ctl, i64 %seen, i1 1)
+{ARGUMENTS}
+  call void %fn(ptr %bufs, ptr %scalars, i64 %batch, i64 %tid, i64 %nt, ptr %bar)
+  %old = atomicrmw add ptr %finished, i64 1 acq_rel
+  br label %wait
+}}
+
+define void @cc_rt_wait(ptr %ctl, i64 %target) {{
+entry:
+  %finished = getelementptr inbounds i64, ptr %ctl, i64 1
+  %done = call i64 @cc_rt_await(ptr %finished, i64 %target, i1 0)
+  ret void
+}}
+"""
+
+_runtime: dict = {}
+_pools: dict[int, Workers] = {}
+_pools_lock = threading.Lock()
+
+
+def runtime() -> tuple:
+    """The serve and wait functions, compiled once per process (the caller holds the pools' lock)."""
+    if not _runtime:
+        _runtime["code"] = Compiled(RUNTIME_IR)
+        address = engine().get_function_address
+        for name in ("serve", "wait"):
+            _runtime[name] = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(address(f"cc_rt_{name}"))
+    return _runtime["serve"], _runtime["wait"]
+
+
+def pool(n: int) -> Workers:
+    """The process's pool of ``n`` threads (the caller and n − 1 workers)."""
+    with _pools_lock:
+        if n not in _pools:
+            _pools[n] = Workers(n)
+        return _pools[n]
+
+
+class Workers:
+    """``n − 1`` native workers; `run` calls a phase function on every thread index."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.ctl = np.zeros(len(CONTROL) + 8, np.int64)  # (lives as long as the process: the pool does)
+        self.lock = threading.Lock()
+        self.finished = 0
+        if n > 1:
+            serve, self.wait = runtime()
+            for k in range(1, n):
+                threading.Thread(target=serve, args=(self.ctl.ctypes.data, k), daemon=True,
+                                 name=f"cnncompile-worker-{k}").start()
+
+    def run(self, function: int, call, buffers: int, scalars: int, batch: int, barrier: int) -> None:
+        """``call(tid)`` here for thread 0; the workers call ``function`` (its address) for the rest."""
+        if self.n == 1:
+            call(0)
+            return
+        with self.lock:
+            ctl = self.ctl
+            ctl[2:8] = (function, buffers, scalars, batch, self.n, barrier)
+            ctl[0] += 1  # published after the arguments (x86 keeps stores in order)
+            call(0)
+            self.finished += self.n - 1
+            self.wait(ctl.ctypes.data, self.finished)
+
