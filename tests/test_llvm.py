@@ -347,6 +347,23 @@ def test_idle_worker_pool_sleeps(monkeypatch):
     assert used < 0.25, f"idle workers used {used:.0%} of a core"
 
 
+@pytest.mark.parametrize("idle", [0.0, 0.3])
+def test_process_exits_cleanly_with_workers_in_their_loop(idle):
+    """The workers' loop runs in JIT memory, freed when the interpreter finalizes the engine: they
+    are brought out of it at exit, whether spinning (just after a phase) or napping (idle)."""
+    code = textwrap.dedent(f"""
+        import runpy, time, numpy as np, cnncompile as cc
+        spec = runpy.run_path({str(EXAMPLES / "resnet20.py")!r})  # (a small net's engine did not show it)
+        m = cc.compile(spec["net"], input_shape=spec["input_shape"], loss=spec["loss"],
+                       optimizer=cc.optim.SGD(lr=0.1), backend="llvm")
+        m.train_step(np.zeros((2, 3, 32, 32), np.float32), np.zeros(2, int))
+        time.sleep({idle})
+    """)
+    env = dict(os.environ, CNNCOMPILE_THREADS="2")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def train_three(threads: int):
     env = dict(os.environ, CNNCOMPILE_THREADS=str(threads))
     code = textwrap.dedent("""

@@ -13,6 +13,7 @@ One pool per thread count serves every executable of the process, one phase at a
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import threading
 
@@ -82,12 +83,17 @@ entry:
   %g0 = load atomic i64, ptr %ctl acquire, align 8
   br label %wait
 wait:
-  %seen = phi i64 [ %g0, %entry ], [ %g, %wait ]
+  %seen = phi i64 [ %g0, %entry ], [ %g, %run ]
   %g = call i64 @cc_rt_await(ptr %ctl, i64 %seen, i1 1)
+  %stop = icmp eq i64 %g, -1
+  br i1 %stop, label %stopped, label %run
+run:
 {ARGUMENTS}
   call void %fn(ptr %bufs, ptr %scalars, i64 %batch, i64 %tid, i64 %nt, ptr %bar)
   %old = atomicrmw add ptr %finished, i64 1 acq_rel
   br label %wait
+stopped:
+  ret void
 }}
 
 define void @cc_rt_wait(ptr %ctl, i64 %target) {{
@@ -116,9 +122,20 @@ def runtime() -> tuple:
 def pool(n: int) -> Workers:
     """The process's pool of ``n`` threads (the caller and n − 1 workers)."""
     with _pools_lock:
+        if not _pools:
+            atexit.register(stop_all)
         if n not in _pools:
             _pools[n] = Workers(n)
         return _pools[n]
+
+
+def stop_all() -> None:
+    """Bring every worker out of its loop before the interpreter exits: the loop's code lives in
+    the JIT's memory, which goes when the engine is finalized (a worker left in it would crash)."""
+    with _pools_lock:
+        for workers in _pools.values():
+            workers.stop()
+        _pools.clear()
 
 
 class Workers:
@@ -129,11 +146,19 @@ class Workers:
         self.ctl = np.zeros(len(CONTROL) + 8, np.int64)  # (lives as long as the process: the pool does)
         self.lock = threading.Lock()
         self.finished = 0
+        self.threads = []
         if n > 1:
             serve, self.wait = runtime()
-            for k in range(1, n):
-                threading.Thread(target=serve, args=(self.ctl.ctypes.data, k), daemon=True,
-                                 name=f"cnncompile-worker-{k}").start()
+            self.threads = [threading.Thread(target=serve, args=(self.ctl.ctypes.data, k), daemon=True,
+                                             name=f"cnncompile-worker-{k}") for k in range(1, n)]
+            for thread in self.threads:
+                thread.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.ctl[0] = -1  # (the generation the workers leave their loop at)
+            for thread in self.threads:
+                thread.join()
 
     def run(self, function: int, call, buffers: int, scalars: int, batch: int, barrier: int) -> None:
         """``call(tid)`` here for thread 0; the workers call ``function`` (its address) for the rest."""
