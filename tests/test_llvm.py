@@ -352,16 +352,19 @@ def test_process_exits_cleanly_with_workers_in_their_loop(idle):
     """The workers' loop runs in JIT memory, freed when the interpreter finalizes the engine: they
     are brought out of it at exit, whether spinning (just after a phase) or napping (idle)."""
     code = textwrap.dedent(f"""
-        import runpy, time, numpy as np, cnncompile as cc
+        import atexit, runpy, time, numpy as np, cnncompile as cc
+        step = lambda: m.train_step(np.zeros((2, 3, 32, 32), np.float32), np.zeros(2, int))
+        atexit.register(lambda: print("after", step()))  # runs after the pool stopped: the caller alone
         spec = runpy.run_path({str(EXAMPLES / "resnet20.py")!r})  # (a small net's engine did not show it)
         m = cc.compile(spec["net"], input_shape=spec["input_shape"], loss=spec["loss"],
                        optimizer=cc.optim.SGD(lr=0.1), backend="llvm")
-        m.train_step(np.zeros((2, 3, 32, 32), np.float32), np.zeros(2, int))
+        step()
         time.sleep({idle})
     """)
     env = dict(os.environ, CNNCOMPILE_THREADS="2")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "after" in result.stdout
 
 
 def train_three(threads: int):

@@ -145,8 +145,8 @@ class LLVMExecutable:
             self.scalars[k] = env.scalars.get(name, 0.0)
         fn, ptrs, scal, bar = self.phases[phase], ctypes.addressof(pointers), self.scalars.ctypes.data, \
             self.barrier.ctypes.data
-        n = self.threads
-        self.workers.run(self.addresses[phase], lambda tid: fn(ptrs, scal, batch, tid, n, bar), ptrs, scal, batch, bar)
+        self.workers.run(self.addresses[phase], lambda tid, nt: fn(ptrs, scal, batch, tid, nt, bar), ptrs, scal, batch,
+                         bar)
         if self.checked:
             self.raise_violation(batch)
         return env

@@ -161,15 +161,16 @@ class Workers:
                 thread.join()
 
     def run(self, function: int, call, buffers: int, scalars: int, batch: int, barrier: int) -> None:
-        """``call(tid)`` here for thread 0; the workers call ``function`` (its address) for the rest."""
-        if self.n == 1:
-            call(0)
-            return
+        """``call(tid, nt)`` here for thread 0; the workers call ``function`` (its address) for the
+        rest. Once stopped (the interpreter is exiting), the caller runs the phase alone."""
         with self.lock:
+            if self.n == 1 or self.ctl[0] < 0:
+                call(0, 1)
+                return
             ctl = self.ctl
             ctl[2:8] = (function, buffers, scalars, batch, self.n, barrier)
             ctl[0] += 1  # published after the arguments (x86 keeps stores in order)
-            call(0)
+            call(0, self.n)
             self.finished += self.n - 1
             self.wait(ctl.ctypes.data, self.finished)
 
