@@ -56,9 +56,24 @@ class FunctionWriter:
 
     # ----- integers -----------------------------------------------------------------------------
     def iadd(self, a, b):
+        """``a + b``, folded where either is a constant 0 or both are constants (index arithmetic
+        at literal loop positions, lane by lane, would otherwise fill kernels with it)."""
+        x, y = literal(a), literal(b)
+        if x is not None and y is not None:
+            return str(x + y)
+        if x == 0 or y == 0:
+            return str(b if x == 0 else a)
         return self.op(f"add nsw i64 {a}, {b}")
 
     def imul(self, a, b):
+        """``a · b``, folded like `iadd` (by 0, by 1, or two constants)."""
+        x, y = literal(a), literal(b)
+        if x is not None and y is not None:
+            return str(x * y)
+        if x == 0 or y == 0:
+            return "0"
+        if x == 1 or y == 1:
+            return str(b if x == 1 else a)
         return self.op(f"mul nsw i64 {a}, {b}")
 
     def smax(self, a, b):
@@ -234,3 +249,11 @@ class BodyWriter:
 
 COMPARE = {sympy.StrictGreaterThan: ("sgt", "ogt"), sympy.StrictLessThan: ("slt", "olt"),
            sympy.GreaterThan: ("sge", "oge"), sympy.LessThan: ("sle", "ole"), sympy.Equality: ("eq", "oeq")}
+
+
+def literal(value) -> int | None:
+    """An integer operand's value where it is a constant, else None (an SSA name)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
