@@ -580,7 +580,7 @@ class RegisterRow:
                 for stage, body in self.epilogue:
                     made[stage.out] = self.emit(body, vals, mask, made)
 
-            def lane(k, made=made, c=c):  # (a loop over the lanes: unrolled, the index code swamped LLVM)
+            def lane(k, made=made, c=c):
                 vals[self.v] = fw.iadd(str(c * self.lanes), k)
                 lanes = {t: fw.op(f"extractelement {self.vt} {value}, i64 {k}") for t, value in made.items()}
                 for t, scalar in lanes.items():
@@ -589,7 +589,12 @@ class RegisterRow:
                     self.w.scalar_epilogue(fw, self.out, self.out_index, vals, self.shapes, self.ptr, self.epilogue,
                                            lanes[self.out])
 
-            fw.loop("0", str(min(self.lanes, self.extent - c * self.lanes) - 1), lane)
+            count = min(self.lanes, self.extent - c * self.lanes)
+            if as_vectors:  # only stores per lane: unrolled (constant lane indices)
+                for k in range(count):
+                    lane(str(k))
+            else:  # a scalar epilogue per lane: a loop (unrolled, its index code swamped LLVM)
+                fw.loop("0", str(count - 1), lane)
         del vals[self.v]
 
     def load_row(self, tensor, vals, mask) -> str:
