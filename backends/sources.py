@@ -23,10 +23,9 @@ def render(prog, kind: str, dtype, compiled=None) -> str:
 
 def _llvm_text(prog, dtype) -> str:
     """The IR the LLVM backend would write for ``prog`` (from its packed copy, as it does)."""
-    from cnncompile.ir.layout import pack_lanes
-    from .llvm.codegen import ModuleWriter
-    single = np.dtype(dtype) == np.float32
-    return ModuleWriter(pack_lanes(prog, 8 if single else 4), "float" if single else "double", "cc_source").module()
+    from .llvm.codegen import ModuleWriter, code_program
+    ftype = "float" if np.dtype(dtype) == np.float32 else "double"
+    return ModuleWriter(code_program(prog, ftype), ftype, "cc_source").module()
 
 
 def numpy_text(prog) -> str:

@@ -307,6 +307,12 @@ def unit_stride_reads(term, v, prog) -> bool:
     return True
 
 
+def vector_epilogue(body, row: str, loop_vars, prog) -> bool:
+    """Can an epilogue body run on a register row along ``row`` (its operations ones the vector
+    templates emit, its reads free of the row or unit-stride along it)?"""
+    return vector_safe(body, loop_vars, piecewise=True) and unit_stride_reads(body, row, prog)
+
+
 def vector_safe(e, loop_vars, piecewise: bool = False) -> bool:
     """A body the vector templates can emit: +, ×, small powers, reads, numbers, runtime scalars
     (and, in epilogues, a Piecewise of comparisons: ReLU and its derivative)."""
@@ -659,8 +665,6 @@ def epilogue_body(kernel: Kernel, stage: Stage, prog: Program):
                           if tensor_of(r) in kernel.made})
     for nest, templates in zip(kernel.nests, kernel.templates):
         if templates[0].kind in ("row", "tiled_row") and not templates[0].scatter:  # (scatter: lane by lane)
-            there = substitute(rest, nest.subst)
-            if not (vector_safe(there, {v for v, _ in nest.grid}, piecewise=True)
-                    and unit_stride_reads(there, templates[0].row, prog)):
+            if not vector_epilogue(substitute(rest, nest.subst), templates[0].row, {v for v, _ in nest.grid}, prog):
                 return None
     return body

@@ -13,24 +13,13 @@ Schedule (how loops run), per residue class of a stage:
 from __future__ import annotations
 
 import sympy
+
 from cnncompile.ir.affine import Affine
 from cnncompile.ir.expr import PHASES, Program, tensor_of
-from cnncompile.ir.loops import (
-    BATCH_LAST,
-    ClassNest,
-    fm_bounds,
-    shapes_of,
-    stage_tensors,
-)
+from cnncompile.ir.layout import pack_lanes
+from cnncompile.ir.loops import BATCH_LAST, ClassNest, fm_bounds, shapes_of, stage_tensors
 from cnncompile.ir.residue import substitute
-from cnncompile.ir.schedule import (
-    Kernel,
-    Scheduler,
-    reductions_closed,
-    unit_stride_reads,
-    vector_safe,
-)
-
+from cnncompile.ir.schedule import Kernel, Scheduler, reductions_closed, vector_epilogue
 from .emit import FAST, BodyWriter, FunctionWriter
 
 
@@ -38,7 +27,7 @@ class ModuleWriter:
     def __init__(self, prog: Program, ftype: str, prefix: str, checked: bool = False, fuse: bool = True):
         self.prog, self.ft, self.prefix, self.checked = prog, ftype, prefix, checked
         self.current_stage = 0
-        self.scheduler = Scheduler(prog, checked, fuse, lanes=8 if ftype == "float" else 4)
+        self.scheduler = Scheduler(prog, checked, fuse, lanes=vector_lanes(ftype))
         self.steps: dict[str, list] = {}  # phase → per stage of the phase, the index of the kernel running it
         self.units: list[list[int]] = []  # the train phase's kernels, as indices into prog.all_stages()
         self.kernel_functions: dict[tuple, tuple] = {}  # stages (by id) → (function name, its tensors)
@@ -410,6 +399,17 @@ class ModuleWriter:
                 "{\n" + "\n".join(lines) + "\n}\n")
 
 
+def vector_lanes(ftype: str) -> int:
+    """Elements per ymm register: 8 floats, 4 doubles."""
+    return 8 if ftype == "float" else 4
+
+
+def code_program(prog: Program, ftype: str, checked: bool = False) -> Program:
+    """The program the code is written from: with packed layouts (`layout.pack_lanes`), except in
+    bounds-checked builds, which use plain loops only."""
+    return prog if checked else pack_lanes(prog, vector_lanes(ftype))
+
+
 UNITS_PHASE = "train"  # the phase whose kernels can also be run one at a time
 ELEMENT = {"int": "i64", "index": "i32"}  # integer tensors' LLVM element types (floats: the program's)
 
@@ -542,17 +542,13 @@ class RegisterRow:
     def end(self, vals) -> None:
         """Add the row to the output (or, fresh, write it), lanes past the row's end masked off;
         then the epilogue stages on the row while it is still in registers."""
-        fw = self.fw
         if self.scatter:
             self.scatter_end(vals)
             return
         for c in range(self.chunks):
             vals[self.v] = str(c * self.lanes)
             mask = self.lane_mask(c, "0", str(self.extent - 1))
-            total = None if self.fresh else self.load_row(self.out, vals, mask)
-            for row in self.accs:  # partial sums in a fixed order: deterministic
-                value = fw.op(f"load {self.vt}, ptr {row[c]}")
-                total = value if total is None else fw.op(f"fadd {FAST} {self.vt} {total}, {value}")
+            total = self.chunk_sum(c, None if self.fresh else self.load_row(self.out, vals, mask))
             count = min(self.lanes, self.extent - c * self.lanes)  # the row's lanes in this chunk
             self.store_row(self.out, vals, total, count)
             made = {self.out: total}
@@ -561,19 +557,21 @@ class RegisterRow:
                 self.store_row(stage.out, vals, made[stage.out], count)
         del vals[self.v]
 
+    def chunk_sum(self, c: int, total: str | None = None) -> str:
+        """Chunk ``c`` of the row: its partial sums added (to ``total``) in a fixed order: deterministic."""
+        for row in self.accs:
+            value = self.fw.op(f"load {self.vt}, ptr {row[c]}")
+            total = value if total is None else self.fw.op(f"fadd {FAST} {self.vt} {total}, {value}")
+        return total
+
     def scatter_end(self, vals) -> None:
         """A row along a variable that is not the output's last index (see schedule.lanes_row):
         each lane written by itself, the epilogue stages run on it as scalars. Fresh rows only."""
         fw = self.fw
         names = {v for e in self.out_index for v in e.vars} | set(vals)
-        as_vectors = all(vector_safe(body, names, piecewise=True) and unit_stride_reads(body, self.v, self.w.prog)
-                         for _, body in self.epilogue)
+        as_vectors = all(vector_epilogue(body, self.v, names, self.w.prog) for _, body in self.epilogue)
         for c in range(self.chunks):
-            total = None
-            for row in self.accs:
-                value = fw.op(f"load {self.vt}, ptr {row[c]}")
-                total = value if total is None else fw.op(f"fadd {FAST} {self.vt} {total}, {value}")
-            made = {self.out: total}
+            made = {self.out: self.chunk_sum(c)}
             if as_vectors:  # the epilogue on the vector (its reads free of the row or along it)
                 vals[self.v] = str(c * self.lanes)
                 mask = self.lane_mask(c, "0", str(self.extent - 1))

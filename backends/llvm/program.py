@@ -11,11 +11,10 @@ import os
 import threading
 
 import numpy as np
+
 from cnncompile.ir.buffers import PERSISTENT, array_dtype, plan_buffers
 from cnncompile.ir.expr import BATCH, PHASES, Program
-from cnncompile.ir.layout import pack_lanes
-
-from .codegen import UNITS_PHASE, ModuleWriter
+from .codegen import UNITS_PHASE, ModuleWriter, code_program
 from .jit import Compiled, compile_workers, fingerprint
 from .workers import pool
 
@@ -56,7 +55,7 @@ class LLVMExecutable:
         self.checked = os.environ.get("CNNCOMPILE_CHECK") == "1"
         if manifest is None:
             ftype = "float" if self.dtype == np.float32 else "double"
-            code_prog = prog if self.checked else pack_lanes(prog, 8 if ftype == "float" else 4)
+            code_prog = code_program(prog, ftype, self.checked)
             writer = ModuleWriter(code_prog, ftype, PLACEHOLDER, checked=self.checked)
             manifest = {"texts": writer.modules(compile_workers()), "scalar_names": writer.scalar_names,
                         "steps": writer.steps, "units": writer.units, "program": code_prog}
@@ -72,8 +71,7 @@ class LLVMExecutable:
                 _loaded[prefix] = Compiled(parts, use_cache)
         self.compiled = _loaded[prefix]
         names = list(PHASES) + [f"{UNITS_PHASE}_u{j}" for j in range(len(self.unit_stages))]
-        self.addresses = {p: self.compiled.address(f"{prefix}_{p}") for p in names}
-        self.phases = {p: PHASE_SIGNATURE(a) for p, a in self.addresses.items()}
+        self.phases = {p: PHASE_SIGNATURE(self.compiled.address(f"{prefix}_{p}")) for p in names}
         self.state = {n: self.allocate(s, 1) for n, s in prog.tensors.items() if s.role in PERSISTENT}
         self.bound: dict[int, tuple] = {}
         self.threads = thread_count()
@@ -143,10 +141,8 @@ class LLVMExecutable:
         env.scalars.update(scalars or {})
         for k, name in enumerate(self.scalar_names):
             self.scalars[k] = env.scalars.get(name, 0.0)
-        fn, ptrs, scal, bar = self.phases[phase], ctypes.addressof(pointers), self.scalars.ctypes.data, \
-            self.barrier.ctypes.data
-        self.workers.run(self.addresses[phase], lambda tid, nt: fn(ptrs, scal, batch, tid, nt, bar), ptrs, scal, batch,
-                         bar)
+        self.workers.run(self.phases[phase], ctypes.addressof(pointers), self.scalars.ctypes.data, batch,
+                         self.barrier.ctypes.data)
         if self.checked:
             self.raise_violation(batch)
         return env

@@ -160,17 +160,17 @@ class Workers:
             for thread in self.threads:
                 thread.join()
 
-    def run(self, function: int, call, buffers: int, scalars: int, batch: int, barrier: int) -> None:
-        """``call(tid, nt)`` here for thread 0; the workers call ``function`` (its address) for the
-        rest. Once stopped (the interpreter is exiting), the caller runs the phase alone."""
+    def run(self, function, buffers: int, scalars: int, batch: int, barrier: int) -> None:
+        """A phase ``function`` (ctypes) on every thread index: thread 0 here, the rest on the
+        workers. Once stopped (the interpreter is exiting), the caller runs the phase alone."""
         with self.lock:
             if self.n == 1 or self.ctl[0] < 0:
-                call(0, 1)
+                function(buffers, scalars, batch, 0, 1, barrier)
                 return
             ctl = self.ctl
-            ctl[2:8] = (function, buffers, scalars, batch, self.n, barrier)
+            ctl[2:8] = (ctypes.cast(function, ctypes.c_void_p).value, buffers, scalars, batch, self.n, barrier)
             ctl[0] += 1  # published after the arguments (x86 keeps stores in order)
-            call(0, self.n)
+            function(buffers, scalars, batch, 0, self.n, barrier)
             self.finished += self.n - 1
             self.wait(ctl.ctypes.data, self.finished)
 
