@@ -314,7 +314,8 @@ def vector_epilogue(body, row: str, loop_vars, prog) -> bool:
 
 
 def vector_safe(e, loop_vars, piecewise: bool = False) -> bool:
-    """A body the vector templates can emit: +, ×, small powers, reads, numbers, runtime scalars
+    """A body the vector templates can emit: +, ×, small powers (and ±1/2, ±3/2: batch norm's σ),
+    reads, numbers, runtime scalars
     (and, in epilogues, a Piecewise of comparisons: ReLU and its derivative)."""
     if isinstance(e, sympy.Indexed) or e.is_Number:
         return True
@@ -322,7 +323,8 @@ def vector_safe(e, loop_vars, piecewise: bool = False) -> bool:
         return e.name not in loop_vars
     if isinstance(e, (sympy.Add, sympy.Mul)):
         return all(vector_safe(a, loop_vars, piecewise) for a in e.args)
-    if isinstance(e, sympy.Pow) and (e.exp == -1 or (e.exp.is_Integer and 1 < e.exp <= 4)):
+    if isinstance(e, sympy.Pow) and (e.exp == -1 or (e.exp.is_Integer and 1 < e.exp <= 4) or
+                                     (e.exp.is_Rational and e.exp.q == 2 and abs(e.exp.p) <= 3)):
         return vector_safe(e.base, loop_vars, piecewise)
     if piecewise and isinstance(e, sympy.Piecewise):
         return all(vector_safe(p.expr, loop_vars, piecewise) and

@@ -729,6 +729,16 @@ class RegisterRow:
         base = self.emit(e.base, vals, mask, made)  # a Pow, as vector_safe allowed
         if e.exp == -1:
             return fw.op(f"fdiv {FAST} {self.vt} {self.splat(fw.fconst(1.0))}, {base}")
+        if e.exp.q == 2:  # batch norm's σ, 1/σ, 1/σ³: integer powers of a square root
+            suffix = f"v{self.lanes}{'f32' if fw.ft == 'float' else 'f64'}"
+            fw.declares.add(f"declare {self.vt} @llvm.sqrt.{suffix}({self.vt})")
+            root = fw.op(f"call {FAST} {self.vt} @llvm.sqrt.{suffix}({self.vt} {base})")
+            total = root
+            for _ in range(abs(int(e.exp.p)) // 2):
+                total = fw.op(f"fmul {FAST} {self.vt} {total}, {base}")
+            if e.exp < 0:
+                total = fw.op(f"fdiv {FAST} {self.vt} {self.splat(fw.fconst(1.0))}, {total}")
+            return total
         total = base
         for _ in range(int(e.exp) - 1):
             total = fw.op(f"fmul {FAST} {self.vt} {total}, {base}")
