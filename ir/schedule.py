@@ -9,6 +9,7 @@ Templates. Per term nest (`loops`), a loop order and a register template:
   vector partial sums over it live across the reductions (a filter gradient over a map row);
 - ``tiled_reduction_row``: the same for each value of a small output variable at once (a kernel
   column), optionally for a block of output channels too, so loads are shared;
+- ``map_row``: an elementwise stage, a row of vectors computed and stored at once;
 - ``scalar``: plain loops, left to LLVM's vectorizers (ordered so that no large read is walked
   at a stride, and dense layers' weights are read once per batch).
 
@@ -37,7 +38,7 @@ MAX_ROW = 64  # longest output row held in registers (8 ymm accumulators for flo
 
 @dataclass(frozen=True)
 class Template:
-    kind: str  # scalar | row | tiled_row | reduction_row | tiled_reduction_row | max_row
+    kind: str  # scalar | row | tiled_row | reduction_row | tiled_reduction_row | max_row | map_row
     order: tuple  # loop variables, outermost first (a tiled row's own variable is not a loop)
     accumulate: bool  # add into the output (initialised by a nest of its own, or by other stages)
     row: str | None = None  # the vector variable (innermost)
@@ -68,6 +69,9 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
     movable = [v for v, _ in outer] if free else [v for v, _ in outer[1:]]  # may be blocked or reordered
     accumulate = stage.accumulate or nest.needs_init
     order = loop_order(outer, reduce_, lambda v: strided_reads(term.term, v))
+    if not checked and map_row_vectorizable(nest, term, prog):
+        return Template("map_row", tuple(order), stage.accumulate, order[-1], dict(outer)[order[-1]],
+                        len(order) - 1, fresh=not stage.accumulate)
     if not accumulate or checked:  # bounds-checked builds use plain loops only
         return Template("scalar", tuple(order), accumulate)
     if single_term_per_output(nest, term):  # (max pooling's gradient: one gather per output)
@@ -264,6 +268,31 @@ def vectorizable(stage, term, out_index, outer, reduce_, order, prog) -> bool:
     if out_index[-1].coeff(v) not in (1, 2) or any(e.coeff(v) for e in out_index[:-1]):
         return False  # (stride 2: a stride-2 input gradient's residue class, stored every other element)
     return unit_stride_reads(term, v, prog) and vector_safe(term, {name for name, _ in outer + reduce_})
+
+
+def map_row_vectorizable(nest: ClassNest, term: TermNest, prog: Program) -> bool:
+    """An elementwise stage (no reduction: batch norm's output, ReLU, its derivative, a gradient's
+    accumulation) as vector rows along the output's last variable, each chunk computed and stored
+    once. Needs that variable unit-stride in the output and in every read (or absent), 4 to
+    MAX_ROW long, no constraint, float tensors and a body the vector templates emit. (Left to
+    LLVM, such loops got their 16-wide rows fully unrolled first and the loop around them
+    vectorized instead: gathers and scatters at a stride of a row, 1.4 cycles an element.)"""
+    stage, outer = nest.stage, nest.outer
+    if stage.reduce or nest.reduce or stage.argmax or len(nest.terms) != 1 or term.constraints or len(outer) < 2:
+        return False  # (one variable: the row would be every thread's, unsplit)
+    if prog.tensors[stage.out].dtype != "float" or nest.empty or not covers_outputs(nest, term):
+        return False
+    v, extent = outer[-1]
+    if not isinstance(extent, int) or not 4 <= extent <= MAX_ROW:
+        return False
+    try:
+        if nest.out_index[-1] != Affine.var(v) or any(e.coeff(v) for e in nest.out_index[:-1]):
+            return False
+        if not unit_stride_reads(term.term, v, prog):
+            return False
+    except (TypeError, ValueError, NotImplementedError):  # a read at a non-affine index (a reshape)
+        return False
+    return vector_safe(term.term, {name for name, _ in outer}, piecewise=True)
 
 
 def max_row_vectorizable(nest: ClassNest, term: TermNest, order, lanes: int) -> bool:
@@ -619,7 +648,7 @@ def epilogue_host(kernel: Kernel) -> bool:
             return False
         if templates[0].fresh and templates[0].kind == "scalar" and reductions_closed(nest, templates[0].order)[1]:
             return False  # (a max-pool gradient: its classes run merged, as vectors, only without one)
-        if templates[0].kind != "scalar" and main.combine != "sum":
+        if templates[0].kind not in ("scalar", "map_row") and main.combine != "sum":
             return False
     return True
 
@@ -666,7 +695,7 @@ def epilogue_body(kernel: Kernel, stage: Stage, prog: Program):
     rest = body.xreplace({r: sympy.Symbol(f"made{k}") for k, r in enumerate(body.atoms(sympy.Indexed))
                           if tensor_of(r) in kernel.made})
     for nest, templates in zip(kernel.nests, kernel.templates):
-        if templates[0].kind in ("row", "tiled_row") and not templates[0].scatter:  # (scatter: lane by lane)
+        if templates[0].kind in ("row", "tiled_row", "map_row") and not templates[0].scatter:  # (scatter: per lane)
             if not vector_epilogue(substitute(rest, nest.subst), templates[0].row, {v for v, _ in nest.grid}, prog):
                 return None
     return body

@@ -240,6 +240,24 @@ def test_filter_gradients_of_wide_maps_block_output_channels():
     assert (tpl.kind, tpl.extent, tpl.tile, tpl.block) == ("tiled_reduction_row", 32, ("j", 3), ("n", 4, 16))
 
 
+def test_batch_norm_runs_as_vector_rows():
+    """Batch norm's elementwise stages (normalize, its gradient's accumulations) run as vector
+    rows along the map's last axis, its backward reductions (through σ = √(σ² + ε)) as vector
+    reduction rows; a per-channel update (one loop: nothing for the threads to split) does not."""
+    from cnncompile.ir.schedule import Scheduler
+    build, shape = NETS["batchnorm"]
+    model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy",
+                       optimizer=cc.optim.SGD(lr=0.1))
+    scheduler = Scheduler(model.prog)
+    kinds = {}
+    for _, _, s in model.prog.phase_stages("train"):
+        kinds.setdefault((s.out, s.note), scheduler.single(s).templates[0][0].kind)
+    assert kinds[("1.out", "normalize, scale, shift")] == "map_row"
+    assert kinds[("dL/d0.out", "through batch variance σ²")] == "map_row"
+    assert kinds[("dL/d1.out.var", "through normalize, scale, shift")] == "reduction_row"
+    assert kinds[("1.weight", "SGD")] == "scalar"
+
+
 def test_max_pools_run_as_vector_rows_where_a_row_fills_a_vector():
     from cnncompile.ir.schedule import Scheduler
     build, shape = NETS["lenet"]

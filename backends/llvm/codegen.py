@@ -96,6 +96,7 @@ class ModuleWriter:
                       "tiled_reduction_row": lambda: TiledReductionRow(*args, tile=tpl.tile, block=tpl.block,
                                                                        epilogue=epilogue),
                       "max_row": lambda: MaxRow(*args, nest=nest, epilogue=epilogue),
+                      "map_row": lambda: MapRow(*args, fresh=tpl.fresh, epilogue=epilogue),
                       "scalar": lambda: None}[tpl.kind]()
             plain_block = tpl.block if vector is None else None  # (vector templates step their own blocks)
             jam = each_in_block(fw, plain_block)
@@ -549,13 +550,17 @@ class RegisterRow:
             vals[self.v] = str(c * self.lanes)
             mask = self.lane_mask(c, "0", str(self.extent - 1))
             total = self.chunk_sum(c, None if self.fresh else self.load_row(self.out, vals, mask))
-            count = min(self.lanes, self.extent - c * self.lanes)  # the row's lanes in this chunk
-            self.store_row(self.out, vals, total, count)
-            made = {self.out: total}
-            for stage, body in self.epilogue:
-                made[stage.out] = self.emit(body, vals, mask, made)
-                self.store_row(stage.out, vals, made[stage.out], count)
+            self.finish_chunk(vals, total, mask, min(self.lanes, self.extent - c * self.lanes))
         del vals[self.v]
+
+    def finish_chunk(self, vals, total, mask, count: int) -> None:
+        """A finished chunk (``count`` of its lanes in the row) stored, then the epilogue stages
+        on it, each stored."""
+        self.store_row(self.out, vals, total, count)
+        made = {self.out: total}
+        for stage, body in self.epilogue:
+            made[stage.out] = self.emit(body, vals, mask, made)
+            self.store_row(stage.out, vals, made[stage.out], count)
 
     def chunk_sum(self, c: int, total: str | None = None) -> str:
         """Chunk ``c`` of the row: its partial sums added (to ``total``) in a fixed order: deterministic."""
@@ -848,6 +853,32 @@ class InterleavedRow(RegisterRow):
             same = self.fw.op(f"icmp eq <{self.lanes} x i64> {a}, {b}")
             return self.fw.op(f"uitofp {self.mt} {same} to {self.vt}")
         return super().emit_operation(e, vals, mask, made)
+
+
+class MapRow(RegisterRow):
+    """An elementwise stage's row (schedule.map_row_vectorizable): each chunk of W lanes computed
+    from its reads, added to the output where the stage accumulates, stored, and handed to the
+    epilogue stages; no accumulators, nothing carried between rows."""
+
+    def __init__(self, *args, fresh, epilogue=()):
+        super().__init__(*args, fresh=fresh, epilogue=epilogue)
+        self.partials, self.accs = 1, []
+
+    def begin(self) -> None:
+        pass
+
+    def innermost(self, vals, row_bounds) -> None:
+        for c in range(self.chunks):
+            vals[self.v] = str(c * self.lanes)
+            mask = self.lane_mask(c, "0", str(self.extent - 1))
+            value = self.emit(self.term, vals, mask)
+            if not self.fresh:
+                value = self.fw.op(f"fadd {FAST} {self.vt} {self.load_row(self.out, vals, mask)}, {value}")
+            self.finish_chunk(vals, value, mask, min(self.lanes, self.extent - c * self.lanes))
+        del vals[self.v]
+
+    def end(self, vals) -> None:
+        pass
 
 
 class TiledRow(RegisterRow):
