@@ -180,8 +180,9 @@ class Model:
         culprit = None
         for j, stages in enumerate(self.executable.units(phase)):  # stages, or kernels of fused stages
             env = self.executable.run_unit(phase, j, batch, scalars)
-            culprit = next((s for s in stages if env[s.out].dtype.kind == "f" and not np.isfinite(env[s.out]).all()),
-                           None)
+            unstored = getattr(self.executable, "elided", ())  # (values the fused code keeps in registers)
+            culprit = next((s for s in stages if s.out not in unstored and env[s.out].dtype.kind == "f"
+                            and not np.isfinite(env[s.out]).all()), None)
             if culprit is not None:
                 break
         restore()

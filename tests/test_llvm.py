@@ -258,6 +258,31 @@ def test_batch_norm_runs_as_vector_rows():
     assert kinds[("1.weight", "SGD")] == "scalar"
 
 
+def test_values_used_only_inside_their_kernel_are_never_stored():
+    """In the train step, a value that only its own kernel's epilogue reads (a residual block's
+    batch-norm output before the add, the input gradient before ReLU′) stays in registers; the
+    step still matches NumPy's, which stores everything, and other phases store it."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from zoo_nets import INPUT_SHAPE, ZOO
+    models = [cc.compile(ZOO["resnet_basic"](nn), input_shape=INPUT_SHAPE, loss=nn.CrossEntropyLoss(), seed=3,
+                         backend=b, optimizer=cc.optim.SGD(lr=0.1, momentum=0.9)) for b in ("numpy", "llvm")]
+    elided = models[1].executable.elided
+    assert {"block1.shortcut.1.out", "dL/drelu_1.out", "dL/dadd_1.out"} <= elided, sorted(elided)
+    assert not elided & ({models[1].prog.loss_name} | set(models[1].prog.outputs) | set(models[1].prog.params))
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        x = rng.standard_normal((6, *INPUT_SHAPE)).astype(np.float32)
+        y = rng.integers(0, 5, 6)
+        losses = [m.train_step(x, y) for m in models]
+        assert abs(losses[0] - losses[1]) <= 1e-4 * max(1.0, abs(losses[0]))
+    for k, ref in models[0].state_dict().items():
+        np.testing.assert_allclose(models[1].state_dict()[k], ref, rtol=1e-3, atol=1e-4, err_msg=k)
+    x = rng.standard_normal((6, *INPUT_SHAPE)).astype(np.float32)
+    poison(models[1].executable, 6)
+    env = models[1].executable.run("predict_train", 6, {"input": x}, share=False)
+    assert np.isfinite(env["block1.shortcut.1.out"]).all()  # stored where the train step does not
+
+
 def test_max_pools_run_as_vector_rows_where_a_row_fills_a_vector():
     from cnncompile.ir.schedule import Scheduler
     build, shape = NETS["lenet"]

@@ -40,17 +40,26 @@ class ModuleWriter:
         self.signatures: dict[str, str] = {}  # stage function → its declaration, for split modules
         self.bodies: dict[str, str] = {}  # function text without its name → the function's name
         self.declares: set[str] = set()
+        self.elided: dict[int, frozenset] = {}  # train kernel (by id) → outputs it computes but never stores
+        self.elide: frozenset = frozenset()  # those of the kernel being written
+
+    @property
+    def elided_tensors(self) -> list[str]:
+        return sorted(set().union(*self.elided.values()))
 
     def all_stages(self):
         return self.prog.all_stages()
 
     # ----- one kernel ----------------------------------------------------------------------------
-    def kernel_function(self, kernel: Kernel) -> tuple[str, list[str]]:
+    def kernel_function(self, kernel: Kernel, elide: frozenset = frozenset()) -> tuple[str, list[str]]:
         """A kernel's nests as one function (its main stage and the epilogue stages fused into it);
-        the same kernel in another phase is the same function."""
-        key = tuple(id(s) for s in kernel.stages)
+        the same kernel in another phase is the same function, unless it stores less there
+        (``elide``: outputs no other kernel of that phase reads, see `unobserved_outputs`)."""
+        key = (tuple(id(s) for s in kernel.stages), elide)
         if key not in self.kernel_functions:
+            self.elide = elide
             self.kernel_functions[key] = self.write_kernel(kernel)
+            self.elide = frozenset()
         return self.kernel_functions[key]
 
     def write_kernel(self, kernel: Kernel) -> tuple[str, list[str]]:
@@ -354,7 +363,8 @@ class ModuleWriter:
         all (exported where split, and declared where the drivers call them)."""
         drivers = []
         for phase, plan in self.phase_kernels():
-            drivers.append(self.driver(phase, [self.kernel_function(kernel) for kernel in plan]))
+            drivers.append(self.driver(phase, [self.kernel_function(kernel, self.elided.get(id(kernel), frozenset()))
+                                               for kernel in plan]))
             if phase in PHASES:
                 kernel_of = {id(s): step for step, kernel in enumerate(plan) for s in kernel.stages}
                 self.steps[phase] = [kernel_of[id(s)] for _, _, s in self.prog.phase_stages(phase)]
@@ -376,6 +386,8 @@ class ModuleWriter:
         guard replays a step kernel by kernel; profiles time them)."""
         for phase in PHASES:
             plan = self.scheduler.kernels(phase)
+            if phase == UNITS_PHASE:
+                self.elided = {id(k): dead for k in plan if (dead := unobserved_outputs(k, plan, self.prog))}
             yield phase, plan
             if phase == UNITS_PHASE:
                 self.units = [[self.stage_index[id(s)] for s in kernel.stages] for kernel in plan]
@@ -398,6 +410,30 @@ class ModuleWriter:
         lines.append("  ret void")
         return (f"define void @{self.prefix}_{phase}(ptr %bufs, ptr %scalars, i64 %B, i64 %tid, i64 %nt, ptr %bar) "
                 "{\n" + "\n".join(lines) + "\n}\n")
+
+
+STORED_IN_REGISTERS = ("row", "tiled_row", "map_row")  # templates whose rows end in `finish_chunk`
+
+
+def unobserved_outputs(kernel: Kernel, plan: list[Kernel], prog: Program) -> frozenset:
+    """Values a kernel makes, hands to its own epilogue stages in registers, and that nothing
+    else in the phase reads or writes, nor the caller (outputs, loss, state): their stores are
+    dead (ResNet-20's batch-norm outputs before the residual add, input gradients before ReLU′:
+    up to 2 MiB each, written to memory and never read back). Only where every nest keeps its
+    rows in registers and writes them whole (a fresh vector row)."""
+    if not kernel.epilogue or any(t[0].kind not in STORED_IN_REGISTERS or t[0].scatter or len(t) != 1
+                                  for t in kernel.templates):
+        return frozenset()
+    outside = set()
+    for other in plan:
+        if other is not kernel:
+            for s in other.stages:
+                outside |= {tensor_of(r) for r in s.reads()} | {s.out}
+    fresh = all(t[0].fresh for t in kernel.templates)
+    candidates = {s.out for s in kernel.stages if s is not kernel.main or fresh}
+    observed = set(prog.outputs) | {prog.loss_name}
+    return frozenset(t for t in candidates if t not in outside and t not in observed
+                     and prog.tensors[t].role in ("activation", "grad"))
 
 
 def vector_lanes(ftype: str) -> int:
@@ -556,11 +592,13 @@ class RegisterRow:
     def finish_chunk(self, vals, total, mask, count: int) -> None:
         """A finished chunk (``count`` of its lanes in the row) stored, then the epilogue stages
         on it, each stored."""
-        self.store_row(self.out, vals, total, count)
+        if self.out not in self.w.elide:
+            self.store_row(self.out, vals, total, count)
         made = {self.out: total}
         for stage, body in self.epilogue:
             made[stage.out] = self.emit(body, vals, mask, made)
-            self.store_row(stage.out, vals, made[stage.out], count)
+            if stage.out not in self.w.elide:
+                self.store_row(stage.out, vals, made[stage.out], count)
 
     def chunk_sum(self, c: int, total: str | None = None) -> str:
         """Chunk ``c`` of the row: its partial sums added (to ``total``) in a fixed order: deterministic."""

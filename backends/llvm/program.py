@@ -58,11 +58,13 @@ class LLVMExecutable:
             code_prog = code_program(prog, ftype, self.checked)
             writer = ModuleWriter(code_prog, ftype, PLACEHOLDER, checked=self.checked)
             manifest = {"texts": writer.modules(compile_workers()), "scalar_names": writer.scalar_names,
-                        "steps": writer.steps, "units": writer.units, "program": code_prog}
+                        "steps": writer.steps, "units": writer.units, "program": code_prog,
+                        "elided": writer.elided_tensors}
         self._manifest = manifest
         self.prog = manifest["program"]  # the program the code was written from (with packed layouts)
         texts = manifest["texts"]
         self.scalar_names, self.steps, self.unit_stages = manifest["scalar_names"], manifest["steps"], manifest["units"]
+        self.elided = set(manifest["elided"])  # train-phase values kept in registers only (never stored)
         prefix = "cc_" + fingerprint("\n".join(texts))[:16]
         parts = [t.replace(PLACEHOLDER, prefix) for t in texts]
         self.ir_text = "\n".join(parts)
