@@ -529,14 +529,21 @@ class Kernel:
     epilogue: list = field(default_factory=list)  # (Stage, body over the main's grid)
     lanes: int = 8  # vector width the code generator uses
     plain: bool = False  # plain loops only (the bounds-checked build)
+    siblings: list = field(default_factory=list)  # Kernels of other sums run in the same loops (see `sibling`)
 
     @property
     def stages(self) -> list[Stage]:
-        return [self.main] + [s for s, _ in self.epilogue]
+        return [self.main] + [s for s, _ in self.epilogue] + [s for k in self.siblings for s in k.stages]
+
+    @property
+    def members(self) -> list["Kernel"]:
+        """This kernel and its siblings: each a sum with its own epilogue."""
+        return [self] + self.siblings
 
     @property
     def made(self) -> set[str]:
-        return {s.out for s in self.stages}
+        """What this kernel's own main and epilogue make (its siblings' outputs are theirs)."""
+        return {self.main.out} | {s.out for s, _ in self.epilogue}
 
     @property
     def class_groups(self) -> list[tuple[list[int], tuple | None]]:
@@ -598,20 +605,37 @@ class Scheduler:
         out = []
         while remaining:
             kernel = self.single(remaining.pop(0))
+            if self.fuse and not self.checked and sibling_host(kernel):
+                self.gather_siblings(kernel, remaining)
             if self.fuse and epilogue_host(kernel):
                 self.grow(kernel, remaining)
             out.append(kernel)
         return out
 
+    def gather_siblings(self, kernel: Kernel, remaining: list) -> None:
+        """Pull out of ``remaining`` the sums that can run in the kernel's own loops (`sibling`):
+        batch norm's four backward reductions over one channel's values, each read once."""
+        k = 0
+        while k < min(len(remaining), SIBLING_WINDOW) and len(kernel.members) < MAX_SIBLINGS:
+            stage = remaining[k]
+            if not any(self.reads(stage) & m.made for m in kernel.members) and self.movable(remaining[:k], stage):
+                other = self.single(stage)
+                if sibling(kernel, other):
+                    kernel.siblings.append(other)
+                    remaining.pop(k)
+                    continue
+            k += 1
+
     def grow(self, kernel: Kernel, remaining: list) -> None:
-        """Pull every stage that can run in the kernel's epilogue out of ``remaining``."""
+        """Pull every stage that can run in the kernel's epilogue (or a sibling's) out of ``remaining``."""
         k = 0
         while k < len(remaining):
             stage = remaining[k]
-            if self.reads(stage) & kernel.made:
-                body = self.epilogue_body(kernel, stage)
+            host = next((m for m in kernel.members if self.reads(stage) & m.made), None)
+            if host is not None and not any(stage.out in self.reads(m.main) for m in kernel.members):
+                body = self.epilogue_body(host, stage)
                 if body is not None and self.movable(remaining[:k], stage):
-                    kernel.epilogue.append((stage, body))
+                    host.epilogue.append((stage, body))
                     remaining.pop(k)
                     k = 0  # a later stage may now read what this one made
                     continue
@@ -619,7 +643,7 @@ class Scheduler:
 
     def epilogue_body(self, kernel: Kernel, stage: Stage):
         """`epilogue_body`, remembered: every phase asks again about the same stages."""
-        key = (id(kernel.main), tuple(id(s) for s in kernel.stages), id(stage))
+        key = (id(kernel.main), tuple(id(s) for s, _ in kernel.epilogue), id(stage))
         if key not in self.epilogues:
             self.epilogues[key] = epilogue_body(kernel, stage, self.prog)
         return self.epilogues[key]
@@ -632,6 +656,31 @@ class Scheduler:
             if s.out in reads or s.out == stage.out or set(s.argmax) & reads or stage.out in self.reads(s):
                 return False
         return True
+
+
+MAX_SIBLINGS = 4  # sums in one loop nest, one vector accumulator each (more chains spill, and gain little)
+SIBLING_WINDOW = 8  # how far ahead siblings are looked for (the derivation writes them side by side)
+
+
+def sibling_host(kernel: Kernel) -> bool:
+    """A single vector reduction row (a per-channel sum over the batch and the map) that others
+    may join."""
+    if len(kernel.nests) != 1 or len(kernel.templates[0]) != 1 or kernel.nests[0].empty:
+        return False
+    return kernel.templates[0][0].kind == "reduction_row"
+
+
+def sibling(kernel: Kernel, other: Kernel) -> bool:
+    """May ``other`` run in ``kernel``'s loops, its own accumulator beside the kernel's? Both
+    are vector reduction rows over the same grid, in the same order and under the same
+    constraints, writing their outputs at the same points."""
+    if not sibling_host(other) or other.main.combine != kernel.main.combine:
+        return False
+    a, b = kernel.nests[0], other.nests[0]
+    ta, tb = kernel.templates[0][0], other.templates[0][0]
+    return (a.grid == b.grid and a.out_index == b.out_index and a.terms[0].constraints == b.terms[0].constraints
+            and (ta.order, ta.row, ta.extent, ta.first_reduce) == (tb.order, tb.row, tb.extent, tb.first_reduce)
+            and a.needs_init == b.needs_init)
 
 
 def epilogue_host(kernel: Kernel) -> bool:

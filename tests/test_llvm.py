@@ -258,6 +258,23 @@ def test_batch_norm_runs_as_vector_rows():
     assert kinds[("1.weight", "SGD")] == "scalar"
 
 
+def test_batch_norm_backward_sums_share_one_loop_nest():
+    """Batch norm's four backward sums over a channel's values (β's and γ's gradients, and
+    through μ and σ²) run as siblings in one loop nest, each with its own accumulator and
+    epilogue (the momentum buffers); γ's update, which two of them read, waits for a kernel of
+    its own."""
+    from cnncompile.ir.schedule import Scheduler
+    build, shape = NETS["batchnorm"]
+    model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy",
+                       optimizer=cc.optim.SGD(lr=0.1, momentum=0.9))
+    kernels = Scheduler(model.prog).kernels("train")
+    [group] = [[(m.main.out, [s.out for s, _ in m.epilogue]) for m in k.members] for k in kernels
+               if k.main.out == "dL/d1.bias"]
+    assert group == [("dL/d1.bias", ["1.bias.momentum_buffer", "1.bias"]), ("dL/d1.out.mean", []),
+                     ("dL/d1.out.var", []), ("dL/d1.weight", ["1.weight.momentum_buffer"])]
+    assert any(k.main.out == "1.weight" and not k.siblings for k in kernels)
+
+
 def test_values_used_only_inside_their_kernel_are_never_stored():
     """In the train step, a value that only its own kernel's epilogue reads (a residual block's
     batch-norm output before the add, the input gradient before ReLU′) stays in registers; the

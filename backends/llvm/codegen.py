@@ -66,7 +66,9 @@ class ModuleWriter:
         self.current_stage = self.stage_index[id(kernel.main)]
         tensors = sorted(set().union(*(stage_tensors(s) for s in kernel.stages)))
         fw = FunctionWriter(self.ft)
-        for group, pairs in kernel.class_groups:
+        if kernel.siblings:
+            self.sibling_nest(fw, kernel, tensors)
+        for group, pairs in ([] if kernel.siblings else kernel.class_groups):
             if len(group) == 1:
                 self.class_nest(fw, kernel.nests[group[0]], kernel.templates[group[0]], tensors, kernel.epilogue)
             else:
@@ -84,16 +86,37 @@ class ModuleWriter:
         self.functions.append(f"define internal void {name}" + body)
         return name, tensors
 
+    def init_nest(self, fw: FunctionWriter, nest: ClassNest, templates, shapes, ptr) -> None:
+        """The outputs set to the sum's identity where its terms add into them."""
+        if nest.needs_init and not (nest.terms and all(t.fresh for t in templates)):
+            first, unit = templates[0].split if templates else (None, 1)  # the threads share outputs alike
+            order = [o for o, _ in nest.outer if o == first] + [o for o, _ in nest.outer if o != first]
+            self.nest(fw, nest.outer, order, [], bool(nest.outer),
+                      lambda vals: self.store(fw, nest.stage.out, nest.out_index, vals, shapes, ptr,
+                                              fw.fconst(nest.identity)), unit=unit)
+
+    def sibling_nest(self, fw: FunctionWriter, kernel: Kernel, tensors) -> None:
+        """A kernel's sum and its siblings' (schedule.sibling) in one loop nest: each its own
+        initialisation, its own reduction row of one accumulator (the sums are the independent
+        chains) and its own epilogue; their shared reads are loaded once."""
+        shapes = shapes_of(self.prog, tensors)
+        ptr = {t: f"%a{j}" for j, t in enumerate(tensors)}
+        rows = []
+        for member in kernel.members:
+            nest, tpl = member.nests[0], member.templates[0][0]
+            self.init_nest(fw, nest, member.templates[0], shapes, ptr)
+            epilogue = [(s, substitute(body, nest.subst)) for s, body in member.epilogue]
+            rows.append(ReductionRow(self, fw, member.main.out, nest.terms[0].term, nest.out_index, shapes, ptr,
+                                     tpl.row, tpl.extent, tpl.first_reduce, several=False, epilogue=epilogue))
+        first = kernel.nests[0]
+        self.nest(fw, first.grid, list(kernel.templates[0][0].order), first.terms[0].constraints, bool(first.outer),
+                  None, Siblings(rows))
+
     def class_nest(self, fw: FunctionWriter, nest: ClassNest, templates, tensors, epilogue) -> None:
         stage, outer = nest.stage, nest.outer
         shapes = shapes_of(self.prog, tensors)
         ptr = {t: f"%a{j}" for j, t in enumerate(tensors)}
-        if nest.needs_init and not (nest.terms and all(t.fresh for t in templates)):
-            first, unit = templates[0].split if templates else (None, 1)  # the threads share outputs alike
-            order = [o for o, _ in outer if o == first] + [o for o, _ in outer if o != first]
-            self.nest(fw, outer, order, [], bool(outer),
-                      lambda vals: self.store(fw, stage.out, nest.out_index, vals, shapes, ptr,
-                                              fw.fconst(nest.identity)), unit=unit)
+        self.init_nest(fw, nest, templates, shapes, ptr)
         if nest.empty:
             return
         epilogue = [(s, substitute(body, nest.subst)) for s, body in epilogue]  # over this class's grid
@@ -984,6 +1007,29 @@ class ReductionRow(RegisterRow):
         total = fw.fbin('fadd', fw.op(f'load {fw.ft}, ptr {p}'), scalar)
         fw.raw(f"store {fw.ft} {total}, ptr {p}")
         self.w.scalar_epilogue(fw, self.out, self.out_index, vals, self.shapes, self.ptr, self.epilogue, total)
+
+
+class Siblings:
+    """Reduction rows of several sums over the same loops (schedule.sibling), driven by one
+    nest: each adds its term into its own accumulator at every step and finishes on its own."""
+
+    partials, block = 1, None
+
+    def __init__(self, rows: list):
+        self.rows, self.first_reduce = rows, rows[0].first_reduce
+
+    def begin(self) -> None:
+        for row in self.rows:
+            row.begin()
+
+    def innermost(self, vals, row_bounds) -> None:
+        bounds = row_bounds()
+        for row in self.rows:
+            row.innermost(vals, lambda: bounds)
+
+    def end(self, vals) -> None:
+        for row in self.rows:
+            row.end(vals)
 
 
 class TiledReductionRow(ReductionRow):
