@@ -49,6 +49,7 @@ class Template:
     fresh: bool = False  # every output is written once, whole: no initialisation, no reload
     block: tuple | None = None  # a tiled reduction row's blocked output variable: (variable, size, extent)
     scatter: bool = False  # the row variable is not the output's last index: written lane by lane
+    pair: str | None = None  # a tiled row's second block: this (batch) variable's values two at a time
 
     @property
     def split(self) -> tuple:
@@ -89,8 +90,12 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
         row, extent = row_order[-1], dict(nest.grid)[row_order[-1]]
         tile = output_tile(term, [(v, e) for v, e in outer if v in movable], row, extent, lanes)
         if tile is not None:
+            initialised = nest.needs_init and not fresh  # (by a nest of its own, split by the block's unit)
+            pair = batch_pair(term, outer, row, extent, tile, lanes) if free and not initialised else None
+            if pair is not None:
+                tile = (tile[0], tile[1] // 2, tile[2])
             return Template("tiled_row", tuple(tiled_order(outer, reduce_, row, tile[0], free)), accumulate, row,
-                            extent, len(outer) - 1, tile=tile, fresh=fresh)
+                            extent, len(outer) - 1, tile=tile, fresh=fresh, pair=pair)
         return Template("row", tuple(row_order), accumulate, row, extent, len(outer) - 1, fresh=fresh)
     if reduction_vectorizable(stage, term.term, nest.out_index, outer, reduce_, order, prog):
         r, extent = order[-1], dict(nest.grid)[order[-1]]
@@ -388,6 +393,25 @@ def output_tile(term: TermNest, outer, row: str, extent: int, lanes: int):
         if size is not None and (best is None or size > best[1]):
             best = (u, size, ext)
     return best
+
+
+def batch_pair(term: TermNest, outer, row: str, extent: int, tile: tuple, lanes: int) -> str | None:
+    """The batch variable, to block two at a time beside a one-vector row whose tile is a block
+    of MAX_ACCUMULATORS output channels: half the channels for two examples keeps as many
+    accumulators, and each step loads two input vectors and half the weight broadcasts (six
+    loads per eight FMAs, not nine). The batch's variable must be free of the constraints and
+    of the tile's reads (the weights), and the reads along the row must carry it."""
+    if -(-extent // lanes) != 1 or tile[1] != MAX_ACCUMULATORS:
+        return None
+    batch = next((v for v, e in outer if not isinstance(e, int)), None)
+    if batch is None or batch in (row, tile[0]) or any(c.expr.coeff(batch) for c in term.constraints):
+        return None
+    reads = list(term.term.atoms(sympy.Indexed))
+    across = [r for r in reads if mentions(r, tile[0])]
+    along = [r for r in reads if Affine.from_sympy(r.indices[-1]).coeff(row)]
+    if any(mentions(r, batch) for r in across) or not all(mentions(r, batch) for r in along):
+        return None
+    return batch
 
 
 def tiled_order(outer, reduce_, row: str, u: str, free: bool) -> list[str]:

@@ -67,6 +67,10 @@ NETS = {
     # lane by lane, with vector (bias, ReLU) and scalar (ReLU′ reading a strided value) epilogues
     "lanes": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, (1, 4)), nn.Tanh(),
                                     nn.Flatten(), nn.Linear(16 * 6 * 2, 5)), (3, 8, 7)),
+    # 8-wide rows, 16 channels: two examples at once beside blocks of 4 channels, forward and
+    # input gradient (the tests' odd batch of 5: the last pair is the last example twice, stored once)
+    "pairs": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                                    nn.Tanh(), nn.Flatten(), nn.Linear(16 * 5 * 8, 5)), (3, 5, 8)),
     # rows of 20 and 18 floats: three vectors each, lanes past the end, under sums that are not 0
     # there ((X − μ)² in the batch variance)
     # (no bias before a batch norm: its true gradient is 0, both backends' values float noise)
@@ -238,6 +242,24 @@ def test_filter_gradients_of_wide_maps_block_output_channels():
     model = cc.compile(net, input_shape=(16, 32, 32), loss=nn.CrossEntropyLoss(), backend="numpy")
     [tpl] = [Scheduler(model.prog).single(s).templates[0][0] for s in model.prog.backward if s.out == "dL/d0.weight"]
     assert (tpl.kind, tpl.extent, tpl.tile, tpl.block) == ("tiled_reduction_row", 32, ("j", 3), ("n", 4, 16))
+
+
+def test_one_vector_rows_pair_examples():
+    """Where a row is one vector and its block of output channels fills the 8 accumulators, the
+    block halves and two examples run at once: their input vectors share each weight broadcast.
+    Not where the row is longer (two vectors already share them), nor for a plain loop's sum."""
+    from cnncompile.ir.schedule import Scheduler
+    build, shape = NETS["pairs"]
+    model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
+    scheduler = Scheduler(model.prog)
+    tiles = {s.out: (t.tile, t.pair) for s in model.prog.all_stages()
+             for t in [scheduler.single(s).templates[0][0]] if t.kind == "tiled_row"}
+    assert tiles["2.out.conv"] == (("n", 4, 16), "b")
+    assert tiles["dL/d1.out"] == (("m", 4, 16), "b")
+    build, shape = NETS["batchnorm"]
+    model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
+    scheduler = Scheduler(model.prog)
+    assert all(t.pair is None for s in model.prog.all_stages() for t in scheduler.single(s).templates[0])
 
 
 def test_batch_norm_runs_as_vector_rows():

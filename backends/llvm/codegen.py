@@ -123,7 +123,8 @@ class ModuleWriter:
         for term, tpl in zip(nest.terms, templates):
             args = (self, fw, stage.out, term.term, nest.out_index, shapes, ptr, tpl.row, tpl.extent, tpl.first_reduce)
             vector = {"row": lambda: RegisterRow(*args, fresh=tpl.fresh, epilogue=epilogue),
-                      "tiled_row": lambda: TiledRow(*args, tile=tpl.tile, fresh=tpl.fresh, epilogue=epilogue),
+                      "tiled_row": lambda: TiledRow(*args, tile=tpl.tile, fresh=tpl.fresh, epilogue=epilogue,
+                                                    pair=tpl.pair),
                       "reduction_row": lambda: ReductionRow(*args, several=tpl.several, epilogue=epilogue),
                       "tiled_reduction_row": lambda: TiledReductionRow(*args, tile=tpl.tile, block=tpl.block,
                                                                        epilogue=epilogue),
@@ -228,14 +229,19 @@ class ModuleWriter:
                     vector.innermost(vals, row_bounds)
                 return
             stepped = getattr(vector, "block", None) or block
+            paired = getattr(vector, "pair", None) == v  # the batch, two examples a step (a tiled row's pair)
             if stepped is not None and v == stepped[0]:  # a block's variable: one loop step per block
                 lo, hi = "0", str(stepped[2] // stepped[1] - 1)
+            elif paired:
+                lo, hi = "0", fw.op("sdiv i64 %Bm1, 2")  # ⌈B/2⌉ − 1 (an odd batch's last pair: its last example twice)
             else:
                 lo = self.bound(fw, bounds[v][0], vals, lower=True)
                 hi = self.bound(fw, bounds[v][1], vals, lower=False)
             if k == 0 and split:  # this thread's share of the outermost loop
                 blocks = stepped is not None and v == stepped[0]
                 n = str(stepped[2] // stepped[1]) if blocks else extent_value(extents[v])
+                if paired:
+                    n = fw.iadd(hi, 1)
                 if unit > 1:  # in whole units
                     n = str(extents[v] // unit)
                 start = fw.op(f"sdiv i64 {fw.imul(n, '%tid')}, %nt")
@@ -247,6 +253,8 @@ class ModuleWriter:
 
             def inner(value):
                 vals[v] = fw.imul(value, stepped[1]) if stepped is not None and v == stepped[0] else value
+                if paired:
+                    vals[v] = fw.imul(value, 2)
                 level(k + 1)
 
             if vector is not None and k == len(order) - 2 and vector.partials > 1:
@@ -948,27 +956,49 @@ class TiledRow(RegisterRow):
     variable (weights) are broadcast per row; block × vectors accumulators, each an independent
     FMA chain. The nest steps the block's variable by the block size (``block``)."""
 
-    def __init__(self, *args, tile, fresh, epilogue):
+    def __init__(self, *args, tile, fresh, epilogue, pair=None):
         super().__init__(*args, fresh=fresh, epilogue=epilogue)
         self.block = tile  # (variable, size, extent)
+        self.pair = pair  # the batch variable, two examples at once (schedule.batch_pair), or None
         self.partials, self.accs = 1, self.accs[:1]
-        self.tiles = [self.accs[0]] + [self.new_row() for _ in range(tile[1] - 1)]
+        members = tile[1] * (2 if pair else 1)
+        self.tiles = [self.accs[0]] + [self.new_row() for _ in range(members - 1)]
 
     def shares_load(self, e) -> bool:
+        if self.pair:  # two blocked variables: every read, once per value of the variables it carries
+            return True
         return not any(Affine.from_sympy(i).coeff(self.block[0]) for i in e.indices)
 
     def rows(self) -> list[list[str]]:
         return self.tiles
 
-    def each_row(self, vals, action) -> None:
-        u, base = self.block[0], vals[self.block[0]]
-        for t, accs in enumerate(self.tiles):
-            vals[u] = self.fw.iadd(base, t)
-            action(accs)
+    def each_row(self, vals, action, stores: bool = False) -> None:
+        """``action`` on each member's accumulators, the block's (and pair's) variables set to its
+        values. A pair's second example past the batch's end is the first again (its reads stay
+        in range), and where ``stores``, its action is skipped."""
+        fw, u, base = self.fw, self.block[0], vals[self.block[0]]
+        examples = [(None, None)]
+        if self.pair:
+            first = vals[self.pair]
+            after = fw.iadd(first, 1)
+            inside = fw.op(f"icmp sle i64 {after}, %Bm1")
+            examples = [(first, None), (fw.op(f"select i1 {inside}, i64 {after}, i64 {first}"), inside)]
+        for t in range(self.block[1]):
+            for q, (example, inside) in enumerate(examples):
+                accs = self.tiles[t * len(examples) + q]
+                vals[u] = fw.iadd(base, t)
+                if example is not None:
+                    vals[self.pair] = example
+                if stores and inside is not None:
+                    fw.when(inside, lambda accs=accs: action(accs))
+                else:
+                    action(accs)
         vals[u] = base
+        if self.pair:
+            vals[self.pair] = examples[0][0]
 
     def innermost(self, vals, row_bounds) -> None:
-        bounds = row_bounds()  # no constraint mentions the block's variable
+        bounds = row_bounds()  # no constraint mentions the block's (or the pair's) variable
         self.shared = {}
         self.each_row(vals, lambda accs: self.accumulate_row(vals, bounds, accs))
         self.shared = None
@@ -978,7 +1008,7 @@ class TiledRow(RegisterRow):
             self.accs = [accs]
             super(TiledRow, self).end(vals)
 
-        self.each_row(vals, finish)
+        self.each_row(vals, finish, stores=True)
         self.accs = [self.tiles[0]]
 
 
