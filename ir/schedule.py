@@ -560,7 +560,7 @@ class Kernel:
         return [self.main] + [s for s, _ in self.epilogue] + [s for k in self.siblings for s in k.stages]
 
     @property
-    def members(self) -> list["Kernel"]:
+    def members(self) -> list[Kernel]:
         """This kernel and its siblings: each a sum with its own epilogue."""
         return [self] + self.siblings
 
