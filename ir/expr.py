@@ -64,6 +64,7 @@ class Stage:
     wrt: str = ""  # for backward stages: which read was differentiated
     mode: str = "any"  # any | train | eval: batch norm and dropout differ between the two
     lanes: str = ""  # an output variable the LLVM schedule runs as vector lanes (set by `layout`)
+    packed: tuple = ()  # packed copies of its reads that the generated code loads from (set by `parity`)
 
     def with_(self, **kw) -> "Stage":
         return replace(self, **kw)

@@ -53,7 +53,8 @@ def shapes_of(prog: Program, tensors) -> dict[str, list]:
 
 
 def stage_tensors(stage: Stage) -> list[str]:
-    return sorted({tensor_of(r) for r in stage.body.atoms(sympy.Indexed)} | {stage.out} | set(stage.argmax))
+    return sorted({tensor_of(r) for r in stage.body.atoms(sympy.Indexed)} | {stage.out} | set(stage.argmax)
+                  | set(stage.packed))
 
 
 def lower(stage: Stage, prog: Program) -> list[ClassNest]:

@@ -71,6 +71,12 @@ NETS = {
     # input gradient (the tests' odd batch of 5: the last pair is the last example twice, stored once)
     "pairs": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
                                     nn.Tanh(), nn.Flatten(), nn.Linear(16 * 5 * 8, 5)), (3, 5, 8)),
+    # stride-2 reads of even-width maps (20 and 10 columns) from even/odd copies: a 3×3 convolution
+    # with padding (odd offsets: the odd copy, a column to the left) and a 1×1 (even offsets), with
+    # their filter gradients; rows of 10 and 5 outputs (lanes past the end)
+    "parity": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                                     nn.ReLU(), nn.Conv2d(8, 4, 1, stride=2), nn.Flatten(), nn.Linear(4 * 3 * 5, 5)),
+               (3, 10, 20)),
     # rows of 20 and 18 floats: three vectors each, lanes past the end, under sums that are not 0
     # there ((X − μ)² in the batch variance)
     # (no bias before a batch norm: its true gradient is 0, both backends' values float noise)
@@ -260,6 +266,24 @@ def test_one_vector_rows_pair_examples():
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
     scheduler = Scheduler(model.prog)
     assert all(t.pair is None for s in model.prog.all_stages() for t in scheduler.single(s).templates[0])
+
+
+def test_stride_2_reads_come_from_even_odd_copies():
+    """A map read at stride 2 along its rows by convolutions (forward and filter gradient) gets
+    one even/odd copy, made right after it in the forward pass; the stages that read it are
+    marked so; the derivation's program is left as it was."""
+    from cnncompile.backends.llvm.codegen import code_program
+    build, shape = NETS["parity"]
+    model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
+    code = code_program(model.prog, "float")
+    forward = [s.out for s in code.forward]
+    assert forward.index("1.out.parity") == forward.index("1.out") + 1
+    assert forward.index("3.out.parity") == forward.index("3.out") + 1
+    assert code.tensors["1.out.parity"].shape[1:] == (8, 10, 2, 10)
+    marked = {s.out: s.packed for s in code.forward + code.backward if s.packed}
+    assert marked == {"2.out.conv": ("1.out.parity",), "dL/d2.weight": ("1.out.parity",),
+                      "4.out.conv": ("3.out.parity",), "dL/d4.weight": ("3.out.parity",)}
+    assert not any(s.out.endswith(".parity") or s.packed for s in model.prog.forward + model.prog.backward)
 
 
 def test_batch_norm_runs_as_vector_rows():

@@ -17,6 +17,7 @@ import sympy
 from cnncompile.ir.affine import Affine
 from cnncompile.ir.expr import PHASES, Program, tensor_of
 from cnncompile.ir.layout import pack_lanes
+from cnncompile.ir.parity import pack_parity, parity_name
 from cnncompile.ir.loops import BATCH_LAST, ClassNest, fm_bounds, shapes_of, stage_tensors
 from cnncompile.ir.residue import substitute
 from cnncompile.ir.schedule import Kernel, Scheduler, reductions_closed, vector_epilogue
@@ -42,6 +43,7 @@ class ModuleWriter:
         self.declares: set[str] = set()
         self.elided: dict[int, frozenset] = {}  # train kernel (by id) → outputs it computes but never stores
         self.elide: frozenset = frozenset()  # those of the kernel being written
+        self.packed: set[str] = set()  # even/odd copies (ir.parity) the kernel being written may load from
 
     @property
     def elided_tensors(self) -> list[str]:
@@ -64,6 +66,7 @@ class ModuleWriter:
 
     def write_kernel(self, kernel: Kernel) -> tuple[str, list[str]]:
         self.current_stage = self.stage_index[id(kernel.main)]
+        self.packed = {t for s in kernel.stages for t in s.packed}  # copies its strided reads load from
         tensors = sorted(set().union(*(stage_tensors(s) for s in kernel.stages)))
         fw = FunctionWriter(self.ft)
         if kernel.siblings:
@@ -473,9 +476,10 @@ def vector_lanes(ftype: str) -> int:
 
 
 def code_program(prog: Program, ftype: str, checked: bool = False) -> Program:
-    """The program the code is written from: with packed layouts (`layout.pack_lanes`), except in
-    bounds-checked builds, which use plain loops only."""
-    return prog if checked else pack_lanes(prog, vector_lanes(ftype))
+    """The program the code is written from: with packed layouts (`layout.pack_lanes`) and
+    even/odd copies of stride-2 reads (`parity.pack_parity`), except in bounds-checked builds,
+    which use plain loops only."""
+    return prog if checked else pack_parity(pack_lanes(prog, vector_lanes(ftype)))
 
 
 UNITS_PHASE = "train"  # the phase whose kernels can also be run one at a time
@@ -727,9 +731,19 @@ class RegisterRow:
         return self.fw.op(f"getelementptr {self.fw.ft}, ptr {self.ptr[tensor]}, i64 {at}", "p")
 
     def strided_load(self, tensor, index, vals, mask) -> str:
-        """Lanes k of ``tensor[..., 2·v + c]``: a masked load of 2W elements in which only the even
-        lanes are enabled (odd ones are never touched), then the even lanes picked out."""
+        """Lanes k of ``tensor[..., 2·v + c]``: from its even/odd copy where the program made one
+        (`ir.parity`: ``copy[..., c mod 2, v + ⌊c/2⌋]``, one contiguous masked load), else a masked
+        load of 2W elements in which only the even lanes are enabled (odd ones are never
+        touched), then the even lanes picked out."""
         fw, n = self.fw, self.lanes
+        if parity_name(tensor) in self.w.packed:
+            rest = index[-1] - Affine.var(self.v).scale(2)  # c: the index less the row's part
+            c = fw.affine(rest, vals)
+            at = dict(vals, __par=fw.op(f"and i64 {c}, 1"), __half=fw.op(f"ashr i64 {c}, 1"))
+            where = list(index[:-1]) + [Affine.var("__par"), Affine.var(self.v) + Affine.var("__half")]
+            p = self.address(parity_name(tensor), where, at)
+            return fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {mask}, "
+                         f"{self.vt} zeroinitializer)")
         wide = f"<{2 * n} x {fw.ft}>"
         suffix = f"v{2 * n}{'f32' if fw.ft == 'float' else 'f64'}"
         fw.declares.add(f"declare {wide} @llvm.masked.load.{suffix}.p0(ptr, i32, <{2 * n} x i1>, {wide})")
