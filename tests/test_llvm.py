@@ -378,7 +378,7 @@ def test_short_rows_run_output_channels_as_vector_lanes():
     assert pack_lanes(model.prog, 4).tensors.keys() == model.prog.tensors.keys() | {"dL/d3.out.conv.lanes"}
 
 
-@pytest.mark.parametrize("name", ["lenet", "pooling", "lanes"])
+@pytest.mark.parametrize("name", ["lenet", "pooling", "lanes", "batchnorm", "pairs", "parity"])
 def test_float64_llvm_matches_numpy(name):
     """Four-lane double vectors through the same templates (interleaved pool rows included)."""
     build, shape = NETS[name]
