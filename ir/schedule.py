@@ -34,6 +34,7 @@ from .loops import ClassNest, TermNest, covers_outputs, lower, read_ranges, shap
 from .residue import substitute
 
 MAX_ROW = 64  # longest output row held in registers (8 ymm accumulators for float)
+REGISTER_ROWS = ("row", "tiled_row", "map_row")  # templates that finish each output row in registers, whole
 
 
 @dataclass(frozen=True)
@@ -768,7 +769,7 @@ def epilogue_body(kernel: Kernel, stage: Stage, prog: Program):
     rest = body.xreplace({r: sympy.Symbol(f"made{k}") for k, r in enumerate(body.atoms(sympy.Indexed))
                           if tensor_of(r) in kernel.made})
     for nest, templates in zip(kernel.nests, kernel.templates):
-        if templates[0].kind in ("row", "tiled_row", "map_row") and not templates[0].scatter:  # (scatter: per lane)
+        if templates[0].kind in REGISTER_ROWS and not templates[0].scatter:  # (scatter: lane by lane)
             if not vector_epilogue(substitute(rest, nest.subst), templates[0].row, {v for v, _ in nest.grid}, prog):
                 return None
     return body

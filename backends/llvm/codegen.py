@@ -20,7 +20,7 @@ from cnncompile.ir.layout import pack_lanes
 from cnncompile.ir.parity import pack_parity, parity_name
 from cnncompile.ir.loops import BATCH_LAST, ClassNest, fm_bounds, shapes_of, stage_tensors
 from cnncompile.ir.residue import substitute
-from cnncompile.ir.schedule import Kernel, Scheduler, reductions_closed, vector_epilogue
+from cnncompile.ir.schedule import REGISTER_ROWS, Kernel, Scheduler, reductions_closed, vector_epilogue
 from .emit import FAST, BodyWriter, FunctionWriter
 
 
@@ -254,10 +254,10 @@ class ModuleWriter:
                 stop = fw.op(f"sub nsw i64 {next_start}, 1")
                 lo, hi = fw.smax(lo, start), fw.smin(hi, stop)
 
+            step = stepped[1] if stepped is not None and v == stepped[0] else 2 if paired else 1
+
             def inner(value):
-                vals[v] = fw.imul(value, stepped[1]) if stepped is not None and v == stepped[0] else value
-                if paired:
-                    vals[v] = fw.imul(value, 2)
+                vals[v] = fw.imul(value, step)
                 level(k + 1)
 
             if vector is not None and k == len(order) - 2 and vector.partials > 1:
@@ -421,7 +421,7 @@ class ModuleWriter:
         for phase in PHASES:
             plan = self.scheduler.kernels(phase)
             if phase == UNITS_PHASE:
-                self.elided = {id(k): dead for k in plan if (dead := unobserved_outputs(k, plan, self.prog))}
+                self.elided = unobserved_outputs(plan, self.prog)
             yield phase, plan
             if phase == UNITS_PHASE:
                 self.units = [[self.stage_index[id(s)] for s in kernel.stages] for kernel in plan]
@@ -446,28 +446,30 @@ class ModuleWriter:
                 "{\n" + "\n".join(lines) + "\n}\n")
 
 
-STORED_IN_REGISTERS = ("row", "tiled_row", "map_row")  # templates whose rows end in `finish_chunk`
-
-
-def unobserved_outputs(kernel: Kernel, plan: list[Kernel], prog: Program) -> frozenset:
-    """Values a kernel makes, hands to its own epilogue stages in registers, and that nothing
-    else in the phase reads or writes, nor the caller (outputs, loss, state): their stores are
-    dead (ResNet-20's batch-norm outputs before the residual add, input gradients before ReLU′:
-    up to 2 MiB each, written to memory and never read back). Only where every nest keeps its
-    rows in registers and writes them whole (a fresh vector row)."""
-    if not kernel.epilogue or any(t[0].kind not in STORED_IN_REGISTERS or t[0].scatter or len(t) != 1
-                                  for t in kernel.templates):
-        return frozenset()
-    outside = set()
-    for other in plan:
-        if other is not kernel:
-            for s in other.stages:
-                outside |= {tensor_of(r) for r in s.reads()} | {s.out}
-    fresh = all(t[0].fresh for t in kernel.templates)
-    candidates = {s.out for s in kernel.stages if s is not kernel.main or fresh}
+def unobserved_outputs(plan: list[Kernel], prog: Program) -> dict[int, frozenset]:
+    """Per kernel (by id), the values it makes, hands to its own epilogue stages in registers,
+    and that nothing else in the phase reads or writes, nor the caller (outputs, loss, state):
+    their stores are dead (ResNet-20's batch-norm outputs before the residual add, input
+    gradients before ReLU′: up to 2 MiB each, written to memory and never read back). Only where
+    every nest keeps its rows in registers and writes them whole (a fresh vector row)."""
+    touched: dict[str, set[int]] = {}  # tensor → the kernels that read or write it
+    for kernel in plan:
+        for s in kernel.stages:
+            for t in {tensor_of(r) for r in s.reads()} | {s.out}:
+                touched.setdefault(t, set()).add(id(kernel))
     observed = set(prog.outputs) | {prog.loss_name}
-    return frozenset(t for t in candidates if t not in outside and t not in observed
-                     and prog.tensors[t].role in ("activation", "grad"))
+    out = {}
+    for kernel in plan:
+        if not kernel.epilogue or any(t[0].kind not in REGISTER_ROWS or t[0].scatter or len(t) != 1
+                                      for t in kernel.templates):
+            continue
+        fresh = all(t[0].fresh for t in kernel.templates)
+        dead = frozenset(s.out for s in kernel.stages if (s is not kernel.main or fresh)
+                         and touched[s.out] == {id(kernel)} and s.out not in observed
+                         and prog.tensors[s.out].role in ("activation", "grad"))
+        if dead:
+            out[id(kernel)] = dead
+    return out
 
 
 def vector_lanes(ftype: str) -> int:
@@ -549,8 +551,8 @@ class RegisterRow:
         self.mt = f"<{self.lanes} x i1>"
         self.chunks = (extent + self.lanes - 1) // self.lanes
         self.align = 4 if fw.ft == "float" else 8
-        suffix = f"v{self.lanes}{'f32' if fw.ft == 'float' else 'f64'}"
-        self.load_fn = f"@llvm.masked.load.{suffix}.p0"
+        self.suffix = f"v{self.lanes}{'f32' if fw.ft == 'float' else 'f64'}"  # intrinsics' vector type
+        self.load_fn = f"@llvm.masked.load.{self.suffix}.p0"
         fw.declares.add(f"declare {self.vt} {self.load_fn}(ptr, i32, {self.mt}, {self.vt})")
         self.partials = {1: 4, 2: 2}.get(self.chunks, 1)  # independent FMA chains per output vector
         self.partial, self.valid = 0, None
@@ -818,9 +820,8 @@ class RegisterRow:
         if e.exp == -1:
             return fw.op(f"fdiv {FAST} {self.vt} {self.splat(fw.fconst(1.0))}, {base}")
         if e.exp.q == 2:  # batch norm's σ, 1/σ, 1/σ³: integer powers of a square root
-            suffix = f"v{self.lanes}{'f32' if fw.ft == 'float' else 'f64'}"
-            fw.declares.add(f"declare {self.vt} @llvm.sqrt.{suffix}({self.vt})")
-            root = fw.op(f"call {FAST} {self.vt} @llvm.sqrt.{suffix}({self.vt} {base})")
+            fw.declares.add(f"declare {self.vt} @llvm.sqrt.{self.suffix}({self.vt})")
+            root = fw.op(f"call {FAST} {self.vt} @llvm.sqrt.{self.suffix}({self.vt} {base})")
             total = root
             for _ in range(abs(int(e.exp.p)) // 2):
                 total = fw.op(f"fmul {FAST} {self.vt} {total}, {base}")
@@ -1043,9 +1044,8 @@ class ReductionRow(RegisterRow):
             for slot in row:
                 value = fw.op(f"load {self.vt}, ptr {slot}")
                 total = value if total is None else fw.op(f"fadd {FAST} {self.vt} {total}, {value}")
-        suffix = f"v{self.lanes}{'f32' if fw.ft == 'float' else 'f64'}"
-        fw.declares.add(f"declare {fw.ft} @llvm.vector.reduce.fadd.{suffix}({fw.ft}, {self.vt})")
-        scalar = fw.op(f"call {FAST} {fw.ft} @llvm.vector.reduce.fadd.{suffix}({fw.ft} {fw.fconst(0.0)}, "
+        fw.declares.add(f"declare {fw.ft} @llvm.vector.reduce.fadd.{self.suffix}({fw.ft}, {self.vt})")
+        scalar = fw.op(f"call {FAST} {fw.ft} @llvm.vector.reduce.fadd.{self.suffix}({fw.ft} {fw.fconst(0.0)}, "
                        f"{self.vt} {total})")
         _, p = self.w.address(fw, self.out, self.out_index, vals, self.shapes, self.ptr)
         total = fw.fbin('fadd', fw.op(f'load {fw.ft}, ptr {p}'), scalar)
