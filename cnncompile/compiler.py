@@ -63,7 +63,7 @@ def trace(net: Module, input_shape, loss=None, loss_weights=None):
                 target = tracer.input(name, fn.target_shape(pred.shape), role="label", dtype=fn.target_dtype)
                 targets.append(target.name)
                 totals.append(tracer.add_loss(fn.kind, [pred, target], type(fn).__name__,
-                                              "loss" if key is None else f"loss.{key}"))
+                                              "loss" if key is None else f"loss.{key}", **fn.attrs()))
             weights = per_head(loss_weights, heads, "loss_weights") if loss_weights is not None else [1.0] * len(totals)
             total = totals[0] if len(totals) == 1 and weights[0] == 1.0 else \
                 tracer.add_loss("weighted_sum", totals, "total", "loss", weights=[float(w) for w in weights])
@@ -72,8 +72,9 @@ def trace(net: Module, input_shape, loss=None, loss_weights=None):
 
 
 def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | None = None, seed: int = 0,
-            dtype="float32", loss_weights=None):
-    """Compile ``net`` into a trainer. See API.md for the contract."""
+            dtype="float32", loss_weights=None, input_grad: bool = False):
+    """Compile ``net`` into a trainer. See API.md for the contract. ``input_grad``: also derive
+    ∂L/∂input, handed out by ``model.input_gradient`` (saliency; checks of the derivation)."""
     from .model import Model
 
     started = time.perf_counter()
@@ -84,14 +85,18 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
         raise CompileError(f"dtype must be float32 or float64, got {dtype}")
     tracer, heads, targets, loss_name = trace(net, input_shape, loss, loss_weights)
     outputs = [t.name for _, t in heads]
-    name = program_cache.key(tracer.graph, outputs, loss_name, optimizer, executable_class.name, dtype,
+    if input_grad and loss is None:
+        raise CompileError("input_grad=True needs a loss: pass loss=nn.CrossEntropyLoss() (or another)")
+    grad_inputs = [t for t in tracer.graph.inputs if tracer.graph.tensors[t].role == "input"] if input_grad else []
+    name = program_cache.key(tracer.graph, outputs + [f"dL/d{t}" for t in grad_inputs], loss_name, optimizer,
+                             executable_class.name, dtype,
                              executable_class.codegen_options())
     entry = program_cache.load(name)
     if entry is not None:  # a warm start: nothing is derived, scheduled or generated again
         prog = entry["prog"]
         executable = executable_class(prog, dtype, manifest=entry["manifest"])
     else:
-        prog = build_program(tracer, outputs, targets, loss_name, loss, optimizer)
+        prog = build_program(tracer, outputs, targets, loss_name, loss, optimizer, grad_inputs)
         executable = executable_class(prog, dtype)
         program_cache.store(name, {"prog": prog, "manifest": executable.manifest()})
     model = Model(net=net, tracer=tracer, heads=heads, prog=prog, executable=executable, loss=loss,
@@ -102,14 +107,15 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
     return model
 
 
-def build_program(tracer, outputs, targets, loss_name, loss, optimizer):
+def build_program(tracer, outputs, targets, loss_name, loss, optimizer, grad_inputs=()):
     """Graph IR → forward stages → derived backward stages (both modes where they differ) → update stages."""
     prog = tracer.graph.lower(outputs, loss_name)
-    prog.labels = targets
+    prog.labels, prog.grad_inputs = targets, list(grad_inputs)
     if loss is not None:
-        prog.backward = derive(prog, prog.params, "train")
+        wrt = prog.params + prog.grad_inputs
+        prog.backward = derive(prog, wrt, "train")
         if prog.has_modes:  # batch norm / dropout: eval-mode gradients are derived separately
-            prog.backward += derive(prog, prog.params, "eval")
+            prog.backward += derive(prog, wrt, "eval")
     if optimizer is not None:
         prog.update += optimizer.stages(prog)
     return prog

@@ -230,23 +230,36 @@ class Model:
         """Loss and every parameter's gradient, keyed like state_dict; nothing is updated (not
         even running statistics). Uses the mode set by ``train()``/``eval()``."""
         x, feeds = self._feeds(x, y)
+        with self.executable.lock:
+            env = self.executable.run(self._mode_phase("grads", self.training, feeds, len(x)), len(x), feeds)
+            grads = OrderedDict((n, env[grad_name(n)].copy()) for n in self.prog.params)
+            return float(env[self.prog.loss_name][0]), grads
+
+    def input_gradient(self, x, y) -> np.ndarray:
+        """∂L/∂x for every example (compiled with ``input_grad=True``): what the derivation
+        transposes all the way to the image, a saliency map; nothing is updated."""
+        if not self.prog.grad_inputs:
+            raise CompileError("input_gradient needs the input's gradient derived: compile with input_grad=True")
+        x, feeds = self._feeds(x, y)
         env = self.executable.run(self._mode_phase("grads", self.training, feeds, len(x)), len(x), feeds)
-        grads = OrderedDict((n, env[grad_name(n)].copy()) for n in self.prog.params)
-        return float(env[self.prog.loss_name][0]), grads
+        return env[grad_name(self.prog.grad_inputs[0])].copy()
 
     def evaluate_loss(self, x, y) -> float:
         x, feeds = self._feeds(x, y)
-        env = self.executable.run(self._mode_phase("loss", self.training, feeds, len(x)), len(x), feeds)
-        return float(env[self.prog.loss_name][0])
+        with self.executable.lock:
+            env = self.executable.run(self._mode_phase("loss", self.training, feeds, len(x)), len(x), feeds)
+            return float(env[self.prog.loss_name][0])
 
     def predict(self, x, batch_size: int = 256):
         """The network's output(s) in eval mode, computed in chunks of ``batch_size``."""
+        batch_size = validate.batch_size(batch_size, "predict")
         x = validate.as_batch(x, self.input_shape, self.dtype)
         parts = []
         for start in range(0, len(x), batch_size):
             chunk = x[start:start + batch_size]
-            env = self.executable.run("predict", len(chunk), {"input": chunk})
-            parts.append([env[t.name].copy() for _, t in self.heads])
+            with self.executable.lock:
+                env = self.executable.run("predict", len(chunk), {"input": chunk})
+                parts.append([env[t.name].copy() for _, t in self.heads])
         outs = [np.concatenate([p[k] for p in parts]) for k in range(len(self.heads))]
         keys = [k for k, _ in self.heads]
         if keys == [None]:

@@ -46,7 +46,7 @@ def results(prog: Program, phase: str) -> set[str]:
 
     names = {n for n, s in prog.tensors.items() if s.role == "loss"} | set(prog.outputs)
     if phase.startswith("grads"):
-        names |= {grad_name(p) for p in prog.params}
+        names |= {grad_name(p) for p in prog.params + prog.grad_inputs}
     return names
 
 

@@ -123,6 +123,7 @@ class Program:
     outputs: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     params: list[str] = field(default_factory=list)
+    grad_inputs: list[str] = field(default_factory=list)  # inputs whose gradient the grads phases hand out
     buffers: list[str] = field(default_factory=list)
     state_names: list[str] = field(default_factory=list)  # params + buffers in state_dict order
     noise: dict[str, float] = field(default_factory=dict)  # dropout masks → probability

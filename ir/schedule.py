@@ -71,6 +71,8 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
     movable = [v for v, _ in outer] if free else [v for v, _ in outer[1:]]  # may be blocked or reordered
     accumulate = stage.accumulate or nest.needs_init
     order = loop_order(outer, reduce_, lambda v: strided_reads(term.term, v))
+    if nest.empty:  # no term reaches this class: its initialisation alone writes it (zeros), never skipped
+        return Template("scalar", tuple(order), accumulate)
     if not checked and map_row_vectorizable(nest, term, prog):
         return Template("map_row", tuple(order), stage.accumulate, order[-1], dict(outer)[order[-1]],
                         len(order) - 1, fresh=not stage.accumulate)

@@ -91,7 +91,7 @@ class ModuleWriter:
 
     def init_nest(self, fw: FunctionWriter, nest: ClassNest, templates, shapes, ptr) -> None:
         """The outputs set to the sum's identity where its terms add into them."""
-        if nest.needs_init and not (nest.terms and all(t.fresh for t in templates)):
+        if nest.needs_init and (nest.empty or not (nest.terms and all(t.fresh for t in templates))):
             first, unit = templates[0].split if templates else (None, 1)  # the threads share outputs alike
             order = [o for o, _ in nest.outer if o == first] + [o for o, _ in nest.outer if o != first]
             self.nest(fw, nest.outer, order, [], bool(nest.outer),
