@@ -3,19 +3,22 @@
 A second ``cc.compile`` of the same network (same layers, shapes, loss, optimizer constants,
 dtype, backend, and the same compiler source) loads the derived stages and the backend's
 generated code from here instead of lowering, deriving, scheduling and writing IR again.
-The key is made from the graph IR alone, before any formula exists. Entries are pickles in
-the checksummed frame of :mod:`diskcache`; one that does not load is a miss.
+The key is made from the graph IR alone, before any formula exists, and from the versions of
+the libraries whose objects the entry pickles or whose behaviour shaped it. Entries are pickles
+in the checksummed frame of :mod:`diskcache` that record their own key; one that does not load,
+or that was stored under another key (a copied or renamed file), is a miss and is replaced.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import pickle
+import sys
 from pathlib import Path
 
 from . import diskcache
 
-FORMAT = "program-1"
+FORMAT = "program-2"
 _source_hash: str | None = None
 
 
@@ -44,13 +47,26 @@ def describe_graph(graph) -> list:
     return [tensors, ops, graph.inputs, graph.params, graph.buffers, graph.state_order, sorted(graph.noise.items())]
 
 
+def library_versions() -> list[str]:
+    """Python's, sympy's, NumPy's and llvmlite's versions: entries pickle sympy and NumPy objects,
+    and the generated code depends on llvmlite's LLVM (absent: the NumPy backend runs)."""
+    import numpy
+    import sympy
+    try:
+        import llvmlite
+        llvm_version = llvmlite.__version__
+    except ImportError:
+        llvm_version = "none"
+    return [sys.version, sympy.__version__, numpy.__version__, llvm_version]
+
+
 def key(graph, outputs, loss_name, optimizer, backend, dtype, codegen_options=()) -> str:
     """The entry's name. The learning rate is a runtime scalar, so it is not part of the key."""
     hyper = None
     if optimizer is not None:
         hyper = (type(optimizer).__name__, sorted((k, repr(v)) for k, v in optimizer.hyper().items() if k != "lr"))
-    description = [FORMAT, source_hash(), describe_graph(graph), list(outputs), loss_name, hyper, backend,
-                   str(dtype), list(codegen_options)]
+    description = [FORMAT, source_hash(), library_versions(), describe_graph(graph), list(outputs), loss_name,
+                   hyper, backend, str(dtype), list(codegen_options)]
     return hashlib.sha256(repr(description).encode()).hexdigest()
 
 
@@ -58,19 +74,26 @@ def enabled() -> bool:
     return os.environ.get("CNNCOMPILE_PROGRAM_CACHE", "1") != "0"
 
 
+def header(name: str) -> bytes:
+    """What an entry starts with: the format and its own key, checked before anything is unpickled."""
+    return f"{FORMAT} {name}\n".encode()
+
+
 def load(name: str) -> dict | None:
+    """The entry stored under ``name``, or None: missing, damaged, or recorded under another key."""
     if not enabled():
         return None
     payload = diskcache.read(f"{name}.program")
-    if payload is None:
+    if payload is None or not payload.startswith(header(name)):
         return None
     try:
-        entry = pickle.loads(payload)
+        entry = pickle.loads(payload[len(header(name)):])
     except Exception:  # noqa: BLE001 - an entry from an incompatible library version is a miss
         return None
-    return entry if isinstance(entry, dict) and entry.get("format") == FORMAT else None
+    return entry if isinstance(entry, dict) else None
 
 
 def store(name: str, entry: dict) -> None:
+    """Write the entry with its own key in front, so a file under a wrong name is never trusted."""
     if enabled():
-        diskcache.write(f"{name}.program", pickle.dumps({**entry, "format": FORMAT}, protocol=pickle.HIGHEST_PROTOCOL))
+        diskcache.write(f"{name}.program", header(name) + pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL))

@@ -1,5 +1,6 @@
 """Warm starts: a second compile of the same network loads the derived program and its generated
 code from the disk cache, derives nothing, and trains bit for bit like the cold compile."""
+import importlib
 import os
 import subprocess
 import sys
@@ -52,13 +53,17 @@ def test_warm_start_derives_nothing_and_trains_identically(tmp_path):
     assert_same_training(cold, warm)
 
 
-def test_learning_rate_is_not_part_of_the_key_but_momentum_is():
-    def key(optimizer, width=2):
-        net = nn.Sequential(nn.Conv2d(1, width, 3), nn.Flatten(), nn.Linear(width * 4 * 4, 3))
-        tracer, heads, _, loss_name = cc.compiler.trace(net, (1, 6, 6), nn.CrossEntropyLoss())
-        return program_cache.key(tracer.graph, [t.name for _, t in heads], loss_name, optimizer, "llvm",
-                                 np.dtype("float32"), ())
+def small_net(width: int):
+    return nn.Sequential(nn.Conv2d(1, width, 3), nn.Flatten(), nn.Linear(width * 4 * 4, 3))
 
+
+def key(optimizer, width=2):
+    tracer, heads, _, loss_name = cc.compiler.trace(small_net(width), (1, 6, 6), nn.CrossEntropyLoss())
+    return program_cache.key(tracer.graph, [t.name for _, t in heads], loss_name, optimizer, "llvm",
+                             np.dtype("float32"), ())
+
+
+def test_learning_rate_is_not_part_of_the_key_but_momentum_is():
     base = key(cc.optim.SGD(lr=0.1, momentum=0.9))
     assert key(cc.optim.SGD(lr=0.01, momentum=0.9)) == base
     assert key(cc.optim.SGD(lr=0.1, momentum=0.5)) != base
@@ -89,6 +94,42 @@ def test_a_damaged_program_entry_is_a_miss(tmp_path, monkeypatch, damage):
     assert not again["warm"]
     assert_same_training(cold, again)
     assert run(tmp_path, "repaired")["warm"]  # the cold compile wrote a good entry back
+
+
+@pytest.mark.parametrize("module", ["sympy", "numpy", "llvmlite", "python"])
+def test_the_key_changes_with_each_library_version(monkeypatch, module):
+    """A new sympy or NumPy (whose objects entries pickle), llvmlite or Python makes a new key."""
+    base = key(cc.optim.SGD(lr=0.1))
+    if module == "python":
+        monkeypatch.setattr(sys, "version", sys.version + " (another build)")
+    else:
+        monkeypatch.setattr(importlib.import_module(module), "__version__", "0.0.0-another")
+    assert key(cc.optim.SGD(lr=0.1)) != base
+
+
+def test_an_entry_under_another_networks_key_is_a_miss_and_is_replaced(tmp_path, monkeypatch):
+    """Net B's entry copied to net A's name is not loaded for A (A keeps its own shapes), and A's
+    cold compile writes A's entry back over it."""
+    monkeypatch.setenv("CNNCOMPILE_CACHE_DIR", str(tmp_path))
+
+    def compile_width(width):
+        return cc.compile(small_net(width), input_shape=(1, 6, 6), loss=nn.CrossEntropyLoss(), backend="numpy")
+
+    a = compile_width(2)
+    [a_entry] = tmp_path.glob("*.program")
+    compile_width(5)
+    [b_entry] = set(tmp_path.glob("*.program")) - {a_entry}
+    a_entry.write_bytes(b_entry.read_bytes())
+
+    again = compile_width(2)
+    assert not again.warm_start
+    shapes = {name: value.shape for name, value in a.state_dict().items()}
+    assert {name: value.shape for name, value in again.state_dict().items()} == shapes
+    assert again.predict(np.zeros((3, 1, 6, 6))).shape == (3, 3)
+    assert a_entry.read_bytes() != b_entry.read_bytes()
+    repaired = compile_width(2)
+    assert repaired.warm_start
+    assert {name: value.shape for name, value in repaired.state_dict().items()} == shapes
 
 
 def test_a_loaded_program_keeps_the_one_batch_symbol():

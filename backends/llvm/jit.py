@@ -11,6 +11,7 @@ import llvmlite.binding as llvm
 
 from cnncompile import diskcache
 
+OBJECT_FORMAT = "object-1"
 _lock = threading.Lock()
 _engine = None
 _target_machine = None
@@ -74,14 +75,24 @@ def optimize(module) -> None:
     pb.getModulePassManager().run(module, pb)
 
 
+def entry_header(key: str) -> bytes:
+    """What an entry starts with: its own key, so object code stored under another module's key
+    (a copied or renamed file) is a miss rather than a module whose functions are missing."""
+    return f"{OBJECT_FORMAT} {key}\n".encode()
+
+
 def read_cache(key: str) -> bytes | None:
-    """The object code of an entry whose checksum holds; anything else (truncated, foreign,
-    garbage) is a miss: LLVM is never handed bytes we did not write whole."""
-    return diskcache.read(f"{key}.o")
+    """The object code of an entry whose checksum holds and that was written for ``key``; anything
+    else (truncated, foreign, garbage, another key's) is a miss: LLVM is never handed bytes we did
+    not write whole for this module."""
+    payload = diskcache.read(f"{key}.o")
+    if payload is None or not payload.startswith(entry_header(key)):
+        return None
+    return payload[len(entry_header(key)):]
 
 
 def write_cache(key: str, data: bytes) -> None:
-    diskcache.write(f"{key}.o", data)
+    diskcache.write(f"{key}.o", entry_header(key) + data)
 
 
 def compile_part(ir_text: str) -> bytes:
@@ -136,6 +147,8 @@ class Compiled:
                 except Exception:  # noqa: BLE001 - a foreign or damaged entry is a miss
                     objects[j] = compile_part(parts[j])
                     eng.add_object_file(llvm.ObjectFileRef.from_data(objects[j]))
+                    if use_cache:
+                        write_cache(keys[j], objects[j])
             eng.finalize_object()
         self.parts = parts
 
