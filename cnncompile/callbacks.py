@@ -1,14 +1,19 @@
 """Callbacks for ``model.fit``: learning-rate schedules, early stopping, checkpoints, a CSV log.
 
 Each sees the epoch's logs (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ``lr``) and
-keeps its state in ``state_dict()`` so that a checkpoint resumes a schedule exactly.
+keeps its whole state in ``state_dict()`` (arrays included: EarlyStopping's best weights), so that
+a run resumed from a checkpoint ends exactly like the uninterrupted one.
 Defaults are PyTorch's (schedules) and Keras's (early stopping), as their users expect.
 """
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
+import string
+
+LOG_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds", "images_per_second")
 
 
 class Callback:
@@ -126,16 +131,50 @@ class EarlyStopping(Callback):
             model.load_state_dict(self.best_weights)
 
     def state_dict(self):
-        return {"best": self.best, "wait": self.wait, "best_epoch": self.best_epoch}
+        return {"best": self.best, "wait": self.wait, "best_epoch": self.best_epoch,
+                "stopped_epoch": self.stopped_epoch, "best_weights": self.best_weights}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if self.best_weights is not None:
+            self.best_weights = {k: v.copy() for k, v in self.best_weights.items()}
+
+
+def _template_fields(path: str) -> list[str]:
+    """The log values a ModelCheckpoint path fills in; a template that cannot be filled is an
+    error now, not after the first epoch."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(path) if field is not None]
+    except ValueError as exc:
+        raise ValueError(f"ModelCheckpoint: path {path!r} is not a valid template ({exc}); write braces "
+                         f"as {{{{ and }}}}") from None
+    names = [field.split(".")[0].split("[")[0] for field in fields]
+    unknown = sorted({n for n in names if n not in LOG_FIELDS})
+    if unknown:
+        raise ValueError(f"ModelCheckpoint: path {path!r} uses {unknown}, which fit does not log; "
+                         f"the fields are {list(LOG_FIELDS)} (e.g. 'run-{{epoch:03d}}-{{val_loss:.3f}}.ckpt')")
+    try:
+        path.format(**{k: (1 if k == "epoch" else 0.5) for k in LOG_FIELDS})
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise ValueError(f"ModelCheckpoint: path {path!r} cannot be filled in ({type(exc).__name__}: {exc})") from None
+    return names
 
 
 class ModelCheckpoint(Callback):
-    """Save a checkpoint after each epoch (``{epoch}`` in the path is filled in), or only when
-    ``monitor`` improves with ``save_best_only``. Writes are atomic."""
+    """Save a checkpoint after each epoch (``{epoch}`` and other logged values in the path are
+    filled in: see LOG_FIELDS), or only when ``monitor`` improves with ``save_best_only``.
+    Writes are atomic."""
 
     def __init__(self, path: str, monitor: str = "val_loss", save_best_only: bool = False, mode: str = "auto"):
         self.path, self.monitor, self.save_best_only = str(path), monitor, save_best_only
+        self.fields = _template_fields(self.path)
         self.mode, self.best = _mode_for(monitor, mode), None
+
+    def on_train_begin(self, model, logs=None):
+        classifier = getattr(model, "classification_head", lambda: 0)() is not None
+        if not classifier and {"accuracy", "val_accuracy"} & set(self.fields):
+            raise ValueError(f"ModelCheckpoint: path {self.path!r} uses an accuracy, but this network has no "
+                             f"head trained with CrossEntropyLoss; use {{loss}} or {{val_loss}}")
 
     def on_epoch_end(self, model, epoch, logs):
         if self.save_best_only:
@@ -143,30 +182,69 @@ class ModelCheckpoint(Callback):
             if value is None or not _better(self.mode, 0.0, False)(value, self.best):
                 return
             self.best = value
-        model.save(self.path.format(epoch=epoch, **{k: v for k, v in logs.items() if k != "epoch"}))
+        values = {k: v for k, v in logs.items() if k != "epoch"}
+        missing = sorted(set(self.fields) - set(values) - {"epoch"})
+        if missing:
+            raise ValueError(f"ModelCheckpoint: path {self.path!r} uses {missing}, which this fit does not log "
+                             f"(val_ values need validation=...)")
+        model.save(self.path.format(epoch=epoch, **values))
 
     def state_dict(self):
         return {"best": self.best}
 
 
 class CSVLogger(Callback):
-    """One row per epoch with every logged value; appends when resuming."""
+    """One row per epoch with every logged value. A fresh run starts the file anew (unless
+    ``append``); a run resumed from a checkpoint rewrites it with the rows logged up to the
+    checkpoint (rows an interrupted run wrote after it are dropped), so it ends like an
+    uninterrupted run's."""
 
     def __init__(self, path: str, append: bool = False):
-        self.path, self.append, self.keys = str(path), append, None
+        self.path, self.append = str(path), append
+        self.rows: list[dict] = []  # this run's rows, kept in the checkpoint
+        self.prefix = 0  # bytes of the file kept from before this run (append=True)
+        self.resumed = False
 
     def on_train_begin(self, model, logs=None):
-        if not self.append and os.path.exists(self.path):
+        if self.resumed:
+            self._rewrite()
+        elif self.append:
+            self.prefix = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        elif os.path.exists(self.path):
             os.remove(self.path)
+
+    def _rewrite(self) -> None:
+        kept = b""
+        if self.prefix and os.path.exists(self.path):
+            with open(self.path, "rb") as f:
+                kept = f.read(self.prefix)
+        text = io.StringIO(newline="")
+        for row in self.rows:
+            self._write(text, row, fresh=not kept and row is self.rows[0])
+        with open(self.path, "wb") as f:
+            f.write(kept + text.getvalue().encode())
+        self.resumed = False
+
+    @staticmethod
+    def _write(f, row, fresh):
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if fresh:
+            writer.writeheader()
+        writer.writerow(row)
 
     def on_epoch_end(self, model, epoch, logs):
         row = {"epoch": epoch, **{k: v for k, v in logs.items() if k != "epoch"}}
-        fresh = not os.path.exists(self.path)
+        fresh = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if fresh:
-                writer.writeheader()
-            writer.writerow(row)
+            self._write(f, row, fresh)
+        self.rows.append(row)
+
+    def state_dict(self):
+        return {"rows": self.rows, "prefix": self.prefix}
+
+    def load_state_dict(self, state):
+        self.rows, self.prefix = [dict(r) for r in state.get("rows", [])], int(state.get("prefix", 0))
+        self.resumed = True
 
 
 class CurvesPNG(Callback):

@@ -39,6 +39,17 @@ def compile_spec(spec: dict, args, with_training: bool = True):
     return model
 
 
+def load_checkpoint(path: str, spec: dict, args):
+    """A checkpoint of the network FILE defines (never the code stored in the checkpoint); a
+    checkpoint of another network is an error that says so."""
+    try:
+        model = cc.load(path, net=spec["net"], backend=getattr(args, "backend", None))
+    except cc.CheckpointError as exc:
+        raise cc.CheckpointError(f"{exc} (the network given: {args.file})") from None
+    model.source_text, model.source_file = spec["__source__"], spec["__path__"]
+    return model
+
+
 def load_dataset(spec: dict, data_path):
     dataset = spec.get("dataset", "mnist")
     if callable(dataset):
@@ -62,7 +73,7 @@ def cmd_train(args) -> None:
     spec = load_spec(args.file)
     started = time.perf_counter()
     if args.resume:
-        model = cc.load(args.resume, backend=args.backend)
+        model = load_checkpoint(args.resume, spec, args)
         print(f"resumed {args.resume} at epoch {model.epoch} (step {model.step})")
     else:
         model = compile_spec(spec, args)
@@ -140,7 +151,7 @@ def cmd_show(args) -> None:
     """Pictures of a (trained) network: load --checkpoint for trained weights and its history."""
     from . import show
     spec = load_spec(args.file)
-    model = cc.load(args.checkpoint) if args.checkpoint else compile_spec(spec, args)
+    model = load_checkpoint(args.checkpoint, spec, args) if args.checkpoint else compile_spec(spec, args)
     written = []
     if args.filters:
         show.save_filters(model, args.filters, args.layer if args.layer and not args.patches else None)
@@ -184,7 +195,7 @@ def main(argv=None) -> None:
                                       "copy); CIFAR-10: the cifar-10-batches-py directory")
     train.add_argument("--limit", type=int, help="train on the first N examples only (a quick check)")
     train.add_argument("--checkpoint", help="save a checkpoint here after every epoch ({epoch} is filled in)")
-    train.add_argument("--resume", help="continue from this checkpoint")
+    train.add_argument("--resume", help="continue from this checkpoint (of this FILE's network)")
     train.add_argument("--curves", metavar="PNG", help="draw the training curves here after every epoch")
     explain = command("explain", "print derived forward and backward formulas", cmd_explain)
     explain.add_argument("layer", nargs="?")
@@ -200,7 +211,8 @@ def main(argv=None) -> None:
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--rounds", type=int, default=5)
     show = command("show", "pictures: filters, training curves, top patches, the graph", cmd_show)
-    show.add_argument("--checkpoint", help="trained weights and history (default: freshly initialised)")
+    show.add_argument("--checkpoint", help="trained weights and history of this FILE's network (default: "
+                                           "freshly initialised)")
     show.add_argument("--filters", metavar="PNG")
     show.add_argument("--curves", metavar="PNG")
     show.add_argument("--patches", metavar="PNG")

@@ -49,7 +49,7 @@ def test_exact_resume(backend, tmp_path):
             np.testing.assert_allclose(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-def test_load_without_net_uses_the_saved_source(tmp_path):
+def test_load_with_trust_source_uses_the_saved_source(tmp_path):
     source = ("from cnncompile import nn\n"
               "net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 3))\n")
     namespace = {}
@@ -59,7 +59,7 @@ def test_load_without_net_uses_the_saved_source(tmp_path):
     model.source_text = source
     model.train_step(X[:8], Y[:8])
     model.save(tmp_path / "a.ckpt")
-    again = cc.load(tmp_path / "a.ckpt")
+    again = cc.load(tmp_path / "a.ckpt", trust_source=True)
     for key, value in model.state_dict().items():
         assert np.array_equal(value, again.state_dict()[key])
     np.testing.assert_array_equal(model.predict(X[:4]), again.predict(X[:4]))
