@@ -8,3 +8,8 @@ from .module import Layer, Module, ModuleList, Sequential, TracedTensor
 __all__ = ["functional", "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "Dropout", "Flatten", "Identity", "LeakyReLU",
            "Linear", "MaxPool2d", "ReLU", "Sigmoid", "Tanh", "CrossEntropyLoss", "L1Loss", "MSELoss", "Layer",
            "Module", "ModuleList", "Sequential", "TracedTensor"]
+
+from .loss import BCEWithLogitsLoss, HuberLoss, NLLLoss, SmoothL1Loss  # noqa: E402
+from .softmax import LogSoftmax, Softmax  # noqa: E402
+
+__all__ += ["BCEWithLogitsLoss", "HuberLoss", "NLLLoss", "SmoothL1Loss", "LogSoftmax", "Softmax"]
