@@ -1,6 +1,8 @@
 """Losses and their options against PyTorch (float64): the loss value and every parameter's
 gradient on both backends, finite differences for a few, and the errors for options a compiled
 trainer cannot honour."""
+import json
+
 import numpy as np
 import pytest
 
@@ -48,6 +50,10 @@ def flat_softmax(nn):
     return nn.Sequential(nn.Linear(5, C), nn.Softmax(dim=1))
 
 
+def map_softmax(nn):
+    return nn.Sequential(nn.Conv2d(2, C, 1), nn.Softmax())
+
+
 def map3(nn):
     return nn.Sequential(nn.Conv2d(2, 3, 1))
 
@@ -68,6 +74,7 @@ CASES = {
     "ce_probability_maps_sum": (conv_map, X_MAP, PROB_MAPS, lambda nn: nn.CrossEntropyLoss(reduction="sum")),
     "nll": (flat_log_softmax, X_FLAT, LABELS, lambda nn: nn.NLLLoss(tw(W))),
     "softmax_mse": (flat_softmax, X_FLAT, PROBS, lambda nn: nn.MSELoss()),
+    "softmax_map_l1_sum": (map_softmax, X_MAP, PROB_MAPS, lambda nn: nn.L1Loss(reduction="sum")),
     "mse_sum": (flat, X_FLAT, REGRESSION, lambda nn: nn.MSELoss(reduction="sum")),
     "l1_sum": (flat, X_FLAT, REGRESSION, lambda nn: nn.L1Loss(reduction="sum")),
     "smooth_l1": (flat, X_FLAT, REGRESSION, lambda nn: nn.SmoothL1Loss(beta=0.5)),
@@ -109,6 +116,7 @@ def compare(builder, x, y, loss, ref_loss, backend, loss_weights=None):
 
 
 @pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice for softmax")  # dim=None is one of the cases
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_pytorch_parity(backend, name):
@@ -205,6 +213,16 @@ def test_positional_order_is_pytorchs():
     assert cnn.SmoothL1Loss(None, None, "sum", 0.5).attrs() == {"reduction": "sum", "beta": 0.5}
     assert cnn.L1Loss(True, False).reduction == "none"  # PyTorch's legacy flags
     assert repr(cnn.CrossEntropyLoss(label_smoothing=0.1)) == "CrossEntropyLoss(label_smoothing=0.1)"
+
+
+@pytest.mark.parametrize("loss", [cnn.CrossEntropyLoss(tw(W), None, 2, label_smoothing=0.1),
+                                  cnn.BCEWithLogitsLoss(np.ones((3, 1, 1)), pos_weight=tw([2.0])),
+                                  cnn.HuberLoss("sum", 0.5), cnn.L1Loss(False)])
+def test_given_arguments_rebuild_the_loss(loss):
+    """The arguments a loss was given are plain JSON values (checkpoints store them) and rebuild it."""
+    given = json.loads(json.dumps(loss._given))
+    again = type(loss)(**given)
+    assert again.attrs() == loss.attrs() and repr(again) == repr(loss)
 
 
 @pytest.mark.parametrize("builder,shape,loss,pattern", [

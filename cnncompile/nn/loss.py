@@ -44,6 +44,13 @@ def differs(value, default) -> bool:
         return True
 
 
+def plain(value):
+    """A tensor or NumPy value as Python lists and numbers (what a checkpoint's JSON can hold)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+
+
 def legacy_reduction(loss: str, size_average, reduce, reduction: str) -> str:
     """PyTorch's deprecated ``size_average``/``reduce`` flags, mapped as PyTorch maps them."""
     if size_average is None and reduce is None:
@@ -100,7 +107,7 @@ class Loss:
         name = type(self).__name__
         values = bind(name, self.PARAMS, self.KEYWORD_ONLY, args, kwargs)
         defaults = dict(self.PARAMS + self.KEYWORD_ONLY)
-        self._given = {k: v for k, v in values.items() if differs(v, defaults[k])}
+        self._given = {k: plain(v) for k, v in values.items() if differs(v, defaults[k])}  # JSON: checkpoints
         self.reduction = legacy_reduction(name, values.pop("size_average", None), values.pop("reduce", None),
                                           values.pop("reduction", "mean"))
         self.configure(**values)
