@@ -7,7 +7,7 @@ from __future__ import annotations
 import sympy
 
 from ..affine import Affine
-from ..errors import ShapeError, where
+from ..errors import CompileError, ShapeError, where
 from ..expr import Stage, read
 from .base import OpDef, elementwise_domain, elementwise_stage, fmt_shape, identity_index, register
 
@@ -77,27 +77,47 @@ for _kind in JOINS:
 
 @register
 class Flatten(OpDef):
-    """``out[b, c·H·W + h·W + w] = X[b, c, h, w]``: an affine index map, so its gradient is derived too."""
+    """``out[b, …, c·H·W + h·W + w, …] = X[b, …, c, h, w, …]``: axes ``start_dim``..``end_dim`` merged
+    by an affine index map, so its gradient is derived too. The batch axis must stay first and whole."""
 
     kind = "flatten"
+
+    def axes(self, node, shape) -> tuple[int, int]:
+        rank, a = len(shape), node.attrs
+        start, end = a.get("start_dim", 1), a.get("end_dim", -1)
+        first, last = (start + rank if start < 0 else start), (end + rank if end < 0 else end)
+        if not (0 <= first < rank and 0 <= last < rank):
+            raise ShapeError(f"{where(node)}: start_dim={start}, end_dim={end} are not axes of the input "
+                             f"{fmt_shape(shape)} (rank {rank})")
+        if first == 0:
+            raise CompileError(f"{where(node)}: start_dim={start} would merge the batch axis of {fmt_shape(shape)}; "
+                               f"the batch axis stays first: flatten from axis 1 on")
+        if last < first:
+            raise CompileError(f"{where(node)}: end_dim={end} comes before start_dim={start} for input "
+                               f"{fmt_shape(shape)}; PyTorch refuses this too")
+        return first, last
 
     def infer(self, node, shapes):
         (shape,) = shapes
         if len(shape) < 2:
             raise ShapeError(f"{where(node)}: cannot flatten a tensor of shape {fmt_shape(shape)}")
+        first, last = self.axes(node, shape)
         size = 1
-        for s in shape[1:]:
+        for s in shape[first:last + 1]:
             size *= s
-        return (shape[0], size)
+        return (*shape[:first], size, *shape[last + 1:])
 
     def lower(self, node, shapes, out_shape):
         (shape,) = shapes
+        first, last = self.axes(node, shape)
         domain, syms = elementwise_domain(shape)
         flat, stride = Affine.constant(0), 1
-        for (name, ext) in reversed(domain[1:]):
+        for (name, ext) in reversed(domain[first:last + 1]):
             flat = flat + Affine.make({name: stride})
             stride *= ext
-        return [Stage(out=node.output, out_index=(Affine.var(domain[0][0]), flat), domain=domain,
+        index = [Affine.var(n) for n, _ in domain]
+        out_index = (*index[:first], flat, *index[last + 1:])
+        return [Stage(out=node.output, out_index=out_index, domain=domain,
                       body=read(node.inputs[0], *syms), layer=node.name, note="flatten")]
 
 
