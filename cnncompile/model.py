@@ -7,6 +7,7 @@ import numpy as np
 
 from cnncompile.ir.autodiff import grad_name
 from cnncompile.ir.errors import CompileError
+from cnncompile.ir.ops.norm import counter_scalars, tracked_calls
 
 from . import validate
 
@@ -26,7 +27,8 @@ class Model:
         self.step = 0  # optimizer updates done
         self.noise_seed, self.noise_draws = 0, 0  # dropout masks: drawn from (seed, draw number)
         self.batchnorms = [n.name for n in tracer.graph.ops if n.kind == "batchnorm2d"]
-        self.batches_tracked = 0  # PyTorch's num_batches_tracked, the same for every batch norm
+        self.batches_tracked = 0  # steps taken in training: PyTorch's num_batches_tracked per call of a batch norm
+        self.bn_calls = tracked_calls(tracer.graph.ops)  # batch norm (state_dict name) → calls per step
         self.nan_guard = False  # stop at the first non-finite loss or value, naming the stage
         self.epoch = 0  # epochs completed by fit (a loaded checkpoint continues from here)
         self.callbacks, self.history, self.stop_training = [], {}, False
@@ -65,7 +67,8 @@ class Model:
         for n in self.prog.state_names:
             out[n] = self.executable.state[n].copy()
             if n.endswith(".running_var"):  # PyTorch puts the counter after the running statistics
-                out[n[: -len("running_var")] + "num_batches_tracked"] = np.array(self.batches_tracked, np.int64)
+                out[n[: -len("running_var")] + "num_batches_tracked"] = np.array(
+                    self.batches_tracked * self.bn_calls.get(n[: -len(".running_var")], 1), np.int64)
         return out
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
@@ -91,7 +94,8 @@ class Model:
         for n, value in arrays.items():  # all checked first: a bad entry changes nothing
             self.executable.state[n][...] = value
         if counters:
-            self.batches_tracked = int(_numpy(state[counters[0]]))
+            self.batches_tracked = int(_numpy(state[counters[0]])) // self.bn_calls.get(
+                counters[0][: -len(".num_batches_tracked")], 1)
 
     # ----- running ----------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -158,7 +162,7 @@ class Model:
             raise CompileError("this model was compiled without an optimizer: pass optimizer=cc.optim.SGD(...)")
         x, feeds = self._feeds(x, y)
         phase = self._mode_phase("train", True, feeds, len(x))
-        scalars = self.optimizer.scalars(self.step + 1)
+        scalars = {**self.optimizer.scalars(self.step + 1), **counter_scalars(self.bn_calls, self.batches_tracked)}
         saved = {n: a.copy() for n, a in self.executable.state.items()} if self.nan_guard else None
         env = self.executable.run(phase, len(x), feeds, scalars)
         loss = float(env[self.prog.loss_name][0])
