@@ -68,3 +68,15 @@ def test_ignored_targets_count_for_nothing():
     assert relative(loss, loss4) < 1e-12
     for name in grads:
         assert relative(grads[name], grads4[name]) < 1e-12, name
+
+
+@pytest.mark.parametrize("loss", [cnn.CrossEntropyLoss([1.0, 2.0, 0.5, 3.0], ignore_index=2, label_smoothing=0.2),
+                                  cnn.CrossEntropyLoss(), cnn.NLLLoss(ignore_index=1)])
+def test_chunks_combine_into_the_batch_mean(loss):
+    """Losses of chunks weighted by ``mean_denominator`` give the whole batch's (weighted) mean."""
+    model = cc.compile(map_log_softmax(cnn), input_shape=(2, 3, 4), loss=loss, dtype="float64", backend="numpy")
+    whole = model.evaluate_loss(X_MAP, MAP_LABELS)
+    parts = [(model.evaluate_loss(X_MAP[s], MAP_LABELS[s]), loss.mean_denominator(MAP_LABELS[s], 3))
+             for s in (slice(0, 3), slice(3, 6))]
+    combined = sum(v * d for v, d in parts) / sum(d for _, d in parts)
+    assert relative(combined, whole) < 1e-12

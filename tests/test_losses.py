@@ -236,3 +236,16 @@ def test_given_arguments_rebuild_the_loss(loss):
 def test_compile_errors(builder, shape, loss, pattern):
     with pytest.raises(cc.CompileError, match=pattern):
         cc.compile(builder(cnn), input_shape=shape, loss=loss, backend="numpy")
+
+
+def test_accuracy_counts():
+    """Accuracy counts every position of a map, leaves ignored targets out, and takes the most
+    probable class of probability targets; regression losses report none."""
+    out = np.zeros((2, 3, 1, 2))
+    out[:, 1] = 1  # class 1 everywhere
+    y = np.array([[[1, 0]], [[-100, 1]]])
+    assert cnn.CrossEntropyLoss().accuracy_counts(out, y) == (2, 3)
+    assert cnn.NLLLoss(ignore_index=1).accuracy_counts(out, y) == (0, 2)
+    probs = np.moveaxis(np.eye(3)[[[[1, 2]], [[1, 1]]]], -1, 1)
+    assert cnn.CrossEntropyLoss(probabilities=True).accuracy_counts(out, probs) == (3, 4)
+    assert cnn.MSELoss().accuracy_counts(out, y) is None

@@ -130,6 +130,15 @@ class Loss:
             raise ValueError(f"{what} has {len(arr)} rows but the input has {batch}")
         return arr
 
+    def mean_denominator(self, target, batch: int) -> float:
+        """What ``reduction="mean"`` divided this batch's sum by, up to a factor common to every
+        batch: chunks ``c`` of a data set combine into its mean as ``Σ_c L_c·d_c / Σ_c d_c``."""
+        return float(batch)
+
+    def accuracy_counts(self, out, target):
+        """(correct, counted) for a classification loss, else None (no accuracy to report)."""
+        return None
+
     def __repr__(self):
         shown = ", ".join(f"{k}={v!r}" for k, v in self._given.items() if k not in ("size_average", "reduce"))
         return f"{type(self).__name__}({shown})"
@@ -153,6 +162,20 @@ class _ClassIndexLoss(Loss):
 
     def target_shape(self, pred_shape):
         return tuple(pred_shape[2:])
+
+    def mean_denominator(self, target, batch):
+        """``Σ ω``: the weights of the targets' classes, ignored targets excluded (PyTorch's weighted mean)."""
+        target = np.asarray(target)
+        keep = target != self.ignore_index
+        if self.weight is None:
+            return float(keep.sum())
+        return float(np.asarray(self.weight)[np.where(keep, target, 0)][keep].sum())
+
+    def accuracy_counts(self, out, target):
+        """Correct predictions (argmax over the class axis) and positions counted, ignored targets left out."""
+        target = np.asarray(target)
+        keep = target != self.ignore_index
+        return int(((np.asarray(out).argmax(1) == target) & keep).sum()), int(keep.sum())
 
     def prepare_target(self, target, batch, pred_shape, dtype, what="target"):
         return class_targets(target, (batch, *self.target_shape(pred_shape)), pred_shape[1], self.ignore_index,
@@ -193,6 +216,17 @@ class CrossEntropyLoss(_ClassIndexLoss):
 
     def target_shape(self, pred_shape):
         return tuple(pred_shape[1:]) if self.probabilities else tuple(pred_shape[2:])
+
+    def mean_denominator(self, target, batch):
+        return Loss.mean_denominator(self, target, batch) if self.probabilities else \
+            super().mean_denominator(target, batch)
+
+    def accuracy_counts(self, out, target):
+        """With class probabilities, a prediction is correct where it picks the most probable class."""
+        if not self.probabilities:
+            return super().accuracy_counts(out, target)
+        hits = np.asarray(out).argmax(1) == np.asarray(target).argmax(1)
+        return int(hits.sum()), int(hits.size)
 
     def prepare_target(self, target, batch, pred_shape, dtype, what="target"):
         if self.probabilities:
