@@ -281,3 +281,10 @@ def test_flatten_inner_axes_keep_batch_first():
     for args in [(2,), (1, -2), (-2,), (1, 1)]:
         model = compile_one(cnn.Flatten(*args), (3, 4, 5))
         np.testing.assert_array_equal(model.predict(x), torch.nn.Flatten(*args)(torch.tensor(x)).numpy())
+
+    class Inner(cnn.Module):
+        def forward(self, h):
+            return cnn.functional.flatten(h.flatten(2), 1, 2)  # tensor method, then functional
+
+    model = cc.compile(Inner(), input_shape=(3, 4, 5), backend="numpy", dtype="float64")
+    np.testing.assert_array_equal(model.predict(x), x.reshape(2, -1))

@@ -49,9 +49,7 @@ def adaptive_max_pool2d(x, output_size, return_indices=False):
 
 def flatten(x, start_dim=1, end_dim=-1):
     """As ``torch.flatten``, except that ``start_dim`` defaults to 1: the batch axis stays first."""
-    if (start_dim, end_dim) == (1, -1):
-        return x.flatten(1)
-    return _f("flatten", x, start_dim=start_dim, end_dim=end_dim)
+    return x.flatten(start_dim, end_dim)
 
 
 def dropout(x, p=0.5, training=True, inplace=False):

@@ -170,10 +170,12 @@ class TracedTensor:
     def __neg__(self):
         return self * -1.0
 
-    def flatten(self, start_dim: int = 1):
-        if start_dim != 1:
-            raise CompileError("only flatten(start_dim=1) is supported: the batch axis stays first")
-        return tracing.current().add_functional("flatten", [self])
+    def flatten(self, start_dim: int = 1, end_dim: int = -1):
+        """As ``Tensor.flatten``, except that ``start_dim`` defaults to 1: the batch axis stays first
+        (checked, with the axes, by the flatten op)."""
+        if (start_dim, end_dim) == (1, -1):
+            return tracing.current().add_functional("flatten", [self])
+        return tracing.current().add_functional("flatten", [self], start_dim=start_dim, end_dim=end_dim)
 
     def view(self, *shape):
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
