@@ -1,4 +1,9 @@
-"""The compiled model: the trainer a user gets back from ``cc.compile``."""
+"""The compiled model: the trainer a user gets back from ``cc.compile``.
+
+The executable's buffers are shared by every call, so each call holds the executable's lock from
+copying its inputs in to copying its outputs out, and hands out copies: one model may be used
+from several threads (its calls run one at a time).
+"""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -156,22 +161,28 @@ class Model:
         statistics, dropout on); returns the loss before the update."""
         return self._train_step(x, y)[0]
 
-    def _train_step(self, x, y):
-        """The loss and each head's output (before the update), for fit's running metrics."""
+    def require_optimizer(self, where: str) -> None:
         if self.optimizer is None:
-            raise CompileError("this model was compiled without an optimizer: pass optimizer=cc.optim.SGD(...)")
+            raise CompileError(f"{where}: this model was compiled without an optimizer, so it cannot train: "
+                               f"pass optimizer=cc.optim.SGD(lr=...) (or Adam) to cc.compile")
+
+    def _train_step(self, x, y):
+        """The loss and each head's output (before the update, copies), for fit's running metrics."""
+        self.require_optimizer("train_step")
         x, feeds = self._feeds(x, y)
-        phase = self._mode_phase("train", True, feeds, len(x))
-        scalars = {**self.optimizer.scalars(self.step + 1), **counter_scalars(self.bn_calls, self.batches_tracked)}
-        saved = {n: a.copy() for n, a in self.executable.state.items()} if self.nan_guard else None
-        env = self.executable.run(phase, len(x), feeds, scalars)
-        loss = float(env[self.prog.loss_name][0])
-        if saved is not None and not (np.isfinite(loss) and all(np.isfinite(a).all() for a in
-                                                                  self.executable.state.values())):
-            self._report_nonfinite(saved, phase, len(x), scalars)
-        self.step += 1
-        self.batches_tracked += 1
-        return loss, [env[t.name] for _, t in self.heads]
+        with self.executable.lock:  # (the step counter and dropout draws too)
+            phase = self._mode_phase("train", True, feeds, len(x))
+            scalars = {**self.optimizer.scalars(self.step + 1), **counter_scalars(self.bn_calls, self.batches_tracked)}
+            saved = {n: a.copy() for n, a in self.executable.state.items()} if self.nan_guard else None
+            env = self.executable.run(phase, len(x), feeds, scalars)
+            loss = float(env[self.prog.loss_name][0])
+            outputs = [env[t.name].copy() for _, t in self.heads]
+            if saved is not None and not (np.isfinite(loss) and all(np.isfinite(a).all() for a in
+                                                                      self.executable.state.values())):
+                self._report_nonfinite(saved, phase, len(x), scalars)
+            self.step += 1
+            self.batches_tracked += 1
+        return loss, outputs
 
     def _report_nonfinite(self, saved: dict, phase: str, batch: int, scalars: dict):
         """Restore the state from before the step, replay it one kernel (fused stages) at a time,
@@ -214,16 +225,21 @@ class Model:
     def evaluate(self, x, y, batch_size: int = 256) -> dict:
         """Loss and (for a classifier) accuracy in eval mode, in chunks of ``batch_size``."""
         from cnncompile.data.synthetic import take
+        batch_size = validate.batch_size(batch_size, "evaluate")
         x = validate.as_batch(x, self.input_shape, self.dtype)
+        y = validate.targets(y, self.heads)
+        validate.same_rows(x, y, self.heads, "evaluate")
         head = self.classification_head()
         total, correct = 0.0, 0
         for start in range(0, len(x), batch_size):
             idx = slice(start, start + batch_size)
             xb, feeds = self._feeds(x[idx], take(y, idx))
-            env = self.executable.run("loss_eval", len(xb), feeds)
-            total += float(env[self.prog.loss_name][0]) * len(xb)
-            if head is not None:
-                out = env[self.heads[head][1].name]
+            with self.executable.lock:
+                env = self.executable.run("loss_eval", len(xb), feeds)
+                loss = float(env[self.prog.loss_name][0])
+                out = None if head is None else env[self.heads[head][1].name].copy()
+            total += loss * len(xb)
+            if out is not None:
                 correct += int((out.argmax(1) == self.head_target(take(y, idx), head)).sum())
         metrics = {"loss": total / len(x)}
         if head is not None:
@@ -245,8 +261,9 @@ class Model:
         if not self.prog.grad_inputs:
             raise CompileError("input_gradient needs the input's gradient derived: compile with input_grad=True")
         x, feeds = self._feeds(x, y)
-        env = self.executable.run(self._mode_phase("grads", self.training, feeds, len(x)), len(x), feeds)
-        return env[grad_name(self.prog.grad_inputs[0])].copy()
+        with self.executable.lock:
+            env = self.executable.run(self._mode_phase("grads", self.training, feeds, len(x)), len(x), feeds)
+            return env[grad_name(self.prog.grad_inputs[0])].copy()
 
     def evaluate_loss(self, x, y) -> float:
         x, feeds = self._feeds(x, y)
@@ -273,10 +290,16 @@ class Model:
     def memory_report(self, batch_size: int) -> dict:
         """Bytes held for a batch size: parameters and optimizer/running state, and the working
         tensors of the buffer plan (activations, gradients) as laid out (shared where lifetimes
-        allow, on the LLVM backend) and as they would be each in its own memory."""
+        allow, on the LLVM backend) and as they would be each in its own memory. ``kept_*``: what
+        the model holds now between calls: working memory (LLVM: one arena per sharing mode, sized
+        for the largest batch seen, smaller batches run inside it; NumPy: the buffers of the last
+        few batch sizes) and the batch sizes whose buffers are ready."""
+        batch_size = validate.batch_size(batch_size, "memory_report")
         plan = self.executable.plan(batch_size)
+        kept = self.executable.kept()
         return {"state_bytes": sum(a.nbytes for a in self.executable.state.values()),
-                "work_bytes": plan.arena_bytes, "work_bytes_unshared": plan.unshared_bytes}
+                "work_bytes": plan.arena_bytes, "work_bytes_unshared": plan.unshared_bytes,
+                "kept_bytes": kept["bytes"], "kept_arenas": kept["arenas"], "kept_batch_sizes": kept["batch_sizes"]}
 
     def __repr__(self):
         return (f"<cnncompile model: {len(self.prog.params)} parameter tensors, backend={self.executable.name}, "

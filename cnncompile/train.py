@@ -14,6 +14,8 @@ import numpy as np
 
 from cnncompile.data.synthetic import take
 
+from . import validate
+
 
 def batches(x, y, batch_size: int, seed: int, epoch: int, shuffle: bool = True):
     """Shuffled from ``(seed, epoch)``, so an epoch's order can be reproduced after a restart."""
@@ -65,11 +67,13 @@ def fit(model, train, epochs: int = 1, batch_size: int = 64, validation=None, ca
     """Train ``epochs`` more epochs, numbered on from those already done (so a model loaded from a
     checkpoint continues its schedule and its seeded batch order); returns the history, one
     list per logged value."""
-    x, y = train
+    model.require_optimizer("fit")
+    x, y = checked_split(model, train, "fit")
     if len(x) == 0:
         raise ValueError("fit: the training set is empty")
-    if batch_size < 1:
-        raise ValueError(f"fit: batch_size must be ≥ 1, got {batch_size}")
+    batch_size = validate.batch_size(batch_size, "fit")
+    if validation is not None:
+        validation = checked_split(model, validation, "fit (validation)")
     # checkpoints last, so that they save what the schedules decided this epoch
     if nan_guard is not None:
         model.nan_guard = nan_guard
@@ -103,6 +107,20 @@ def fit(model, train, epochs: int = 1, batch_size: int = 64, validation=None, ca
         for cb in callbacks:
             cb.on_train_end(model)
     return history
+
+
+def checked_split(model, data, where: str) -> tuple:
+    """``(x, y)`` with x an array and y one target row per example (a list of heads' targets
+    becomes a tuple), checked before the first step rather than failing at some batch."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(f"{where}: give the data as a pair (x, y), got {type(data).__name__}")
+    x, y = data
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    y = validate.targets(y, model.heads)
+    validate.same_rows(x, y, model.heads, where)
+    return x, y
 
 
 def run_epoch(model, x, y, batch_size, seed, epoch, epochs, augment, progress, validation) -> dict:

@@ -2,7 +2,13 @@
 sees buffers of exactly the shapes it was planned for."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+
+
+class PixelScaleWarning(UserWarning):
+    """Raw 8-bit pixel values (0..255) given where a network expects scaled inputs."""
 
 
 def as_batch(x, example_shape: tuple, dtype, what: str = "input") -> np.ndarray:
@@ -20,6 +26,11 @@ def as_batch(x, example_shape: tuple, dtype, what: str = "input") -> np.ndarray:
                          f"(batch first, then the input_shape given to cc.compile)")
     if arr.shape[0] == 0:
         raise ValueError(f"{what} is an empty batch (N = 0)")
+    if arr.dtype == np.uint8 and arr.max() > 1:
+        warnings.warn(f"{what} is uint8 with values up to {arr.max()}: the network sees raw 0..255 pixel values "
+                      f"(which make training unstable); scale it first, e.g. x.astype(np.float32) / 255 "
+                      f"(silence with warnings.simplefilter('ignore', cc.validate.PixelScaleWarning))",
+                      PixelScaleWarning, stacklevel=3)
     arr = np.ascontiguousarray(arr, dtype=dtype)
     if not np.isfinite(arr).all():
         raise ValueError(f"{what} contains NaN or Inf values")
@@ -53,3 +64,39 @@ def batch_statistics(batch: int, prog, batchnorms: list[str]) -> None:
         if per_channel < 2:
             raise ValueError(f"layer '{name}' (BatchNorm2d) sees {per_channel} value per channel in this batch; "
                              f"training needs at least 2: use a larger batch, or call model.eval()")
+
+
+def batch_size(value, where: str) -> int:
+    """A chunk size of at least one example."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{where}: batch_size must be an integer, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{where}: batch_size must be at least 1, got {value}")
+    return int(value)
+
+
+def targets(y, heads):
+    """``y`` as `take` and the feeds expect it: the heads' targets as a tuple where given as a
+    list (several heads), a single head's target as an array (a list of labels indexes like one)."""
+    if hasattr(y, "detach"):
+        y = y.detach().cpu().numpy()
+    if len(heads) == 1 and heads[0][0] is None:
+        return np.asarray(y) if isinstance(y, (list, tuple)) else y
+    return tuple(y) if isinstance(y, list) else y
+
+
+def same_rows(x, y, heads, where: str) -> None:
+    """Every head's target has one row per example of ``x``."""
+    keys = [k for k, _ in heads]
+    if keys == [None]:
+        parts = [(None, y)]
+    elif isinstance(y, dict):
+        parts = [(k, y[k]) for k in keys if k in y]
+    else:
+        parts = list(zip(keys, y))
+    for key, target in parts:
+        rows = len(target)
+        if rows != len(x):
+            what = "the target" if key is None else f"the target for head {key!r}"
+            raise ValueError(f"{where}: {what} has {rows} rows but x has {len(x)} examples; "
+                             f"give one target row per example")

@@ -1,14 +1,20 @@
 """The LLVM executable: one native call per phase, run by every worker thread at once.
 
-Buffers are owned here (64-byte aligned, planned once per batch size). Each phase function
-runs all its stages; the threads split each stage's outermost loop and meet at a barrier in
-native code, so a ``train_step`` is one ctypes call per thread.
+Buffers are owned here (64-byte aligned). Each phase function runs all its stages; the threads
+split each stage's outermost loop and meet at a barrier in native code, so a ``train_step`` is
+one ctypes call per thread.
+
+Working memory is one arena per sharing mode, sized for the largest buffer plan seen: a smaller
+batch is laid out by its own plan inside it (before, every batch size kept an arena of its own:
+predicting with batch sizes 1..300 held 1.9 GB). The views of the last few batch sizes are kept.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import threading
+import weakref
+from collections import OrderedDict
 
 import numpy as np
 
@@ -22,8 +28,24 @@ ALIGN = 64
 PHASE_SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                    ctypes.c_int64, ctypes.c_void_p)
 PLACEHOLDER = "cnncc_PREFIX"  # stands for the function-name prefix until the IR's hash is known
+KEEP_BATCH_SIZES = 8  # buffer views (not memory) kept per executable
 _loaded: dict[str, Compiled] = {}
 _loaded_lock = threading.Lock()
+_live: "weakref.WeakSet[LLVMExecutable]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the forking thread: locks held by others are fresh again, and a
+    barrier left mid-phase by the parent's threads starts from zero."""
+    global _loaded_lock
+    _loaded_lock = threading.Lock()
+    for executable in list(_live):
+        executable.lock = threading.RLock()
+        executable.barrier[...] = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def aligned_zeros(shape, dtype) -> np.ndarray:
@@ -75,11 +97,14 @@ class LLVMExecutable:
         names = list(PHASES) + [f"{UNITS_PHASE}_u{j}" for j in range(len(self.unit_stages))]
         self.phases = {p: PHASE_SIGNATURE(self.compiled.address(f"{prefix}_{p}")) for p in names}
         self.state = {n: self.allocate(s, 1) for n, s in prog.tensors.items() if s.role in PERSISTENT}
-        self.bound: dict[int, tuple] = {}
+        self.arenas: dict[bool, np.ndarray] = {}  # per sharing mode: the largest plan's bytes
+        self.bound: OrderedDict[tuple, tuple] = OrderedDict()  # (batch, share) → (env, pointers), newest last
+        self.lock = threading.RLock()  # one phase at a time: callers hold it from copy-in to copy-out
         self.threads = thread_count()
         self.workers = pool(self.threads)
         self.barrier = aligned_zeros((16,), np.int32)
         self.scalars = aligned_zeros((len(self.scalar_names) + 4,), np.float64)  # + bounds-check report
+        _live.add(self)
 
     @staticmethod
     def codegen_options() -> tuple:
@@ -100,12 +125,21 @@ class LLVMExecutable:
         return plan_buffers(self.prog, batch, self.dtype.itemsize, steps=self.steps, share=share)
 
     def bind(self, batch: int, share: bool = True):
-        """Buffers for one batch size, made once: views into one arena laid out by the buffer
-        plan. ``share=False`` gives every tensor its own memory, so that intermediate values
-        stay readable after a phase (pictures of activations, tests comparing every tensor)."""
-        if (batch, share) not in self.bound:
+        """Buffers for one batch size: views laid out by the batch's buffer plan in the arena of
+        its sharing mode, which grows to the largest plan seen (views into a smaller, older arena
+        are dropped then). ``share=False`` gives every tensor its own memory, so that intermediate
+        values stay readable after a phase (pictures of activations, tests comparing every tensor)."""
+        with self.lock:
+            key = (batch, share)
+            if key in self.bound:
+                self.bound.move_to_end(key)
+                return self.bound[key]
             plan = self.plan(batch, share)
-            arena = aligned_zeros((plan.arena_bytes,), np.uint8)
+            arena = self.arenas.get(share)
+            if arena is None or arena.nbytes < plan.arena_bytes:
+                arena = self.arenas[share] = aligned_zeros((plan.arena_bytes,), np.uint8)
+                for old in [k for k in self.bound if k[1] == share]:
+                    del self.bound[old]
             env = Env(scalars={"B": batch})
             for name, spec in self.prog.tensors.items():
                 if spec.role in PERSISTENT:
@@ -116,8 +150,17 @@ class LLVMExecutable:
                 dtype = array_dtype(spec, self.dtype)
                 env[name] = arena[at.offset:at.offset + at.nbytes].view(dtype).reshape(shape)
             pointers = (ctypes.c_void_p * len(env))(*(env[n].ctypes.data for n in self.prog.tensors))
-            self.bound[(batch, share)] = (env, pointers)
-        return self.bound[(batch, share)]
+            self.bound[key] = (env, pointers)
+            while len(self.bound) > KEEP_BATCH_SIZES:
+                self.bound.popitem(last=False)
+            return self.bound[key]
+
+    def kept(self) -> dict:
+        """What this executable holds between calls beyond its state: the arenas (one per sharing
+        mode, each the size of the largest plan seen) and the batch sizes whose views are kept."""
+        with self.lock:
+            return {"arenas": len(self.arenas), "bytes": sum(a.nbytes for a in self.arenas.values()),
+                    "batch_sizes": [b for b, _ in self.bound]}
 
     def units(self, phase: str) -> list[list]:
         """The phase's kernels, each as the stages it runs, in order (the train phase only)."""
@@ -133,7 +176,12 @@ class LLVMExecutable:
         return self.run(f"{phase}_u{index}", batch, {}, scalars, share)
 
     def run(self, phase: str, batch: int, feeds: dict, scalars: dict | None = None, share: bool = True) -> Env:
-        """Run a phase; ``feeds`` must already be validated arrays of the planned shapes."""
+        """Run a phase; ``feeds`` must already be validated arrays of the planned shapes. The
+        returned buffers are shared by every later call: read them while holding ``self.lock``."""
+        with self.lock:
+            return self._run(phase, batch, feeds, scalars, share)
+
+    def _run(self, phase: str, batch: int, feeds: dict, scalars: dict | None, share: bool) -> Env:
         env, pointers = self.bind(batch, share)
         for name, value in feeds.items():
             target = env[name]

@@ -10,12 +10,17 @@ a pool left alone costs next to nothing and never holds a core from other progra
 Measured, LeNet-5 train step, interleaved: 1.97 ms against 2.57 ms with Python threads.
 
 One pool per thread count serves every executable of the process, one phase at a time.
+The generation a worker starts from is decided before its thread starts (a worker that read the
+counter itself could start after the first phase was published and wait for a later one forever).
+A forked child has the pool's memory but none of its threads: its first phase starts new ones.
 """
 from __future__ import annotations
 
 import atexit
 import ctypes
+import os
 import threading
+import time
 
 import numpy as np
 
@@ -24,6 +29,7 @@ from .jit import Compiled, engine
 CONTROL = ("generation", "finished", "function", "buffers", "scalars", "batch", "threads", "barrier")
 YIELD_CYCLES = 10_000_000  # ≈ 4 ms of yielding before the sleeps start (cycles of the time-stamp counter)
 NAP_CYCLES = 500_000_000  # ≈ 0.2 s of 200 µs naps, then 2 ms sleeps: an idle pool wakes 500 times a second
+START_DELAY = "CNNCOMPILE_TEST_WORKER_START_DELAY"  # tests: seconds a worker sleeps before entering its loop
 
 ARGUMENTS = "\n".join(f"  %p{k} = getelementptr inbounds i64, ptr %ctl, i64 {k}\n  %{name} = load {ty}, ptr %p{k}"
                       for k, (name, ty) in enumerate((("fn", "ptr"), ("bufs", "ptr"), ("scalars", "ptr"),
@@ -77,10 +83,9 @@ out:
   ret i64 %now
 }}
 
-define void @cc_rt_serve(ptr %ctl, i64 %tid) {{
+define void @cc_rt_serve(ptr %ctl, i64 %tid, i64 %g0) {{
 entry:
   %finished = getelementptr inbounds i64, ptr %ctl, i64 1
-  %g0 = load atomic i64, ptr %ctl acquire, align 8
   br label %wait
 wait:
   %seen = phi i64 [ %g0, %entry ], [ %g, %run ]
@@ -114,9 +119,19 @@ def runtime() -> tuple:
     if not _runtime:
         _runtime["code"] = Compiled(RUNTIME_IR)
         address = engine().get_function_address
-        for name in ("serve", "wait"):
-            _runtime[name] = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(address(f"cc_rt_{name}"))
+        _runtime["serve"] = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(
+            address("cc_rt_serve"))
+        _runtime["wait"] = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(address("cc_rt_wait"))
     return _runtime["serve"], _runtime["wait"]
+
+
+def enter(serve, ctl: int, tid: int, generation: int) -> None:
+    """A worker thread's body: the native loop, from ``generation`` on (the test hook can delay
+    the start, as a busy machine may)."""
+    delay = os.environ.get(START_DELAY)
+    if delay:
+        time.sleep(float(delay))
+    serve(ctl, tid, generation)
 
 
 def pool(n: int) -> Workers:
@@ -138,19 +153,39 @@ def stop_all() -> None:
         _pools.clear()
 
 
+def _after_fork_in_child() -> None:
+    """The child of a fork has copies of the pools but not their threads, and a lock held by a
+    thread of the parent stays held: fresh locks now, fresh threads at each pool's next phase."""
+    global _pools_lock
+    _pools_lock = threading.Lock()
+    for workers in _pools.values():
+        workers.lock = threading.Lock()
+        workers.threads = []
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Workers:
     """``n − 1`` native workers; `run` calls a phase function on every thread index."""
 
     def __init__(self, n: int):
         self.n = n
-        self.ctl = np.zeros(len(CONTROL) + 8, np.int64)  # (lives as long as the process: the pool does)
         self.lock = threading.Lock()
+        self.start()
+
+    def start(self) -> None:
+        """A fresh control block and ``n − 1`` threads serving it (made by this process)."""
+        self.pid = os.getpid()
+        self.ctl = np.zeros(len(CONTROL) + 8, np.int64)  # (lives as long as its threads)
         self.finished = 0
         self.threads = []
-        if n > 1:
+        if self.n > 1:
             serve, self.wait = runtime()
-            self.threads = [threading.Thread(target=serve, args=(self.ctl.ctypes.data, k), daemon=True,
-                                             name=f"cnncompile-worker-{k}") for k in range(1, n)]
+            generation = int(self.ctl[0])  # every worker waits for the next one, however late it starts
+            self.threads = [threading.Thread(target=enter, args=(serve, self.ctl.ctypes.data, k, generation),
+                                             daemon=True, name=f"cnncompile-worker-{k}") for k in range(1, self.n)]
             for thread in self.threads:
                 thread.start()
 
@@ -167,6 +202,8 @@ class Workers:
             if self.n == 1 or self.ctl[0] < 0:
                 function(buffers, scalars, batch, 0, 1, barrier)
                 return
+            if self.pid != os.getpid():  # a forked child: the parent's workers are not here
+                self.start()
             ctl = self.ctl
             ctl[2:8] = (ctypes.cast(function, ctypes.c_void_p).value, buffers, scalars, batch, self.n, barrier)
             ctl[0] += 1  # published after the arguments (x86 keeps stores in order)
