@@ -52,28 +52,43 @@ def signature(model) -> dict:
     return network_signature(model.tracer)
 
 
+def _json_value(value):
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
 def _spec_of(value):
-    """Losses and loss weights as JSON: a class name, or a list / dict of them."""
+    """Losses and loss weights as JSON: a loss is its class name and the arguments it was given
+    (``{"__loss__": name, "args": {...}}``); heads make a list or dict of them."""
+    if hasattr(value, "kind"):
+        given = getattr(value, "_given", {})
+        return {"__loss__": type(value).__name__, "args": {k: _json_value(v) for k, v in given.items()}}
     if isinstance(value, dict):
         return {k: _spec_of(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_spec_of(v) for v in value]
-    return type(value).__name__ if hasattr(value, "kind") else value
+    return value
 
 
 def _from_spec(spec, path):
-    """Losses back from their class names: only loss classes of ``cnncompile.nn`` are looked up."""
+    """Losses back from their class names and arguments: only loss classes of ``cnncompile.nn``."""
     from cnncompile import nn
+    from cnncompile.ir.errors import CompileError
     from cnncompile.nn.loss import Loss
+    if isinstance(spec, dict) and "__loss__" in spec:
+        name, args = spec["__loss__"], spec.get("args", {})
+        cls = getattr(nn, name, None) if isinstance(name, str) else None
+        _need(isinstance(cls, type) and issubclass(cls, Loss) and cls is not Loss and isinstance(args, dict),
+              path, f"unknown loss {name!r} in meta.json")
+        try:
+            return cls(**args)
+        except (CompileError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path}: the arguments of its {name} do not fit ({exc})") from None
     if isinstance(spec, dict):
         return {k: _from_spec(v, path) for k, v in spec.items()}
     if isinstance(spec, list):
         return tuple(_from_spec(v, path) for v in spec)
-    if not isinstance(spec, str):
-        return spec
-    cls = getattr(nn, spec, None)
-    _need(isinstance(cls, type) and issubclass(cls, Loss), path, f"unknown loss {spec!r} in meta.json")
-    return cls()
+    _need(spec is None or _is_number(spec), path, f"a loss or loss weight in meta.json is {spec!r}")
+    return spec
 
 
 def _need(condition, path, what: str) -> None:
@@ -213,6 +228,10 @@ def _members(f, path) -> tuple[dict[str, bytes], bytes]:
 def _manifest(members: dict, comment: bytes, path: Path) -> dict:
     """The manifest, checked against the comment's digest, and every member against the manifest."""
     if MANIFEST not in members:
+        if "meta.json.npy" in members:
+            raise CheckpointError(f"{path} is a checkpoint of format 1 (an older cnncompile, without digests); "
+                                  f"this cnncompile reads format {VERSION}: load it with the cnncompile that "
+                                  f"wrote it, or retrain")
         if META not in members and not comment.startswith(COMMENT):
             raise CheckpointError(f"{path} is not a cnncompile checkpoint (a zip without its manifest)")
         _need(False, path, "truncated or corrupted (manifest.json is missing)")
@@ -424,7 +443,7 @@ def _optimizer(meta: dict, path):
     if meta["optimizer"] is None:
         return None
     cls = getattr(optim, meta["optimizer"]["class"], None)
-    _need(isinstance(cls, type) and issubclass(cls, optim.Optimizer), path,
+    _need(isinstance(cls, type) and issubclass(cls, optim.Optimizer) and cls is not optim.Optimizer, path,
           f"unknown optimizer {meta['optimizer']['class']!r}")
     try:
         return cls(**meta["optimizer"]["hyper"])

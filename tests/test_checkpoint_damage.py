@@ -16,9 +16,13 @@ def tiny_net():
     return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
 
 
-def tiny_checkpoint(path):
+def linear_net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
+
+
+def tiny_checkpoint(path, make=tiny_net):
     """A trained tiny model (momentum non-zero) saved to ``path``; returns the model."""
-    model = cc.compile(tiny_net(), (1, 6, 6), loss=nn.CrossEntropyLoss(),
+    model = cc.compile(make(), (1, 6, 6), loss=nn.CrossEntropyLoss(),
                        optimizer=cc.optim.SGD(lr=0.1, momentum=0.9), backend="numpy", seed=1)
     rng = np.random.default_rng(0)
     for _ in range(2):
@@ -69,9 +73,11 @@ def flipped(data: bytes, offset: int, bit: int) -> bytes:
 def test_every_structure_bit_flip_and_truncation_is_caught_or_harmless(tmp_path):
     """Reading is a pure function of the file's bytes (checked here from memory: `read` opens the
     file and hands it to `read_from`), and loading a pure function of what is read; so a read that
-    returns exactly the saved meta and arrays loads exactly the saved model."""
+    returns exactly the saved meta and arrays loads exactly the saved model. (A one-layer net keeps
+    this under a minute: what matters is the kinds of members, parameters and momentum buffers;
+    bench/checkpoint_sweep.py sweeps a convolutional net with full loads.)"""
     path = tmp_path / "good.ckpt"
-    tiny_checkpoint(path)
+    tiny_checkpoint(path, linear_net)
     data = path.read_bytes()
     original = checkpoint.read(path)
     results = {}
@@ -203,3 +209,13 @@ def test_non_finite_or_mistyped_arrays_are_refused(tmp_path):
         bad.write_bytes(checkpoint._zip_bytes(members))
         with pytest.raises(cc.CheckpointError, match=message):
             cc.load(bad, net=tiny_net())
+
+
+def test_a_format_1_checkpoint_says_so(tmp_path):
+    """The earlier format (np.savez with meta.json.npy, no digests) is named, not misread."""
+    path = tmp_path / "old.ckpt"
+    with open(path, "wb") as f:
+        np.savez(f, **{"meta.json": np.frombuffer(b'{"format": "cnncompile-checkpoint", "version": 1}', np.uint8),
+                       "state/0.weight": np.zeros((2, 1, 3, 3), np.float32)})
+    with pytest.raises(cc.CheckpointError, match="format 1"):
+        cc.load(path, net=tiny_net())

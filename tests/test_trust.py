@@ -1,5 +1,6 @@
-"""Issue 8: the NaN guard names the first bad stage; bounds-checked native code reports a stage
-and an offset instead of touching memory outside a buffer; determinism after N steps."""
+"""The NaN guard names the first bad stage; bounds-checked native code reports a stage and an offset
+instead of touching memory outside a buffer; determinism after N steps; bad inputs; loading a
+checkpoint never runs code from it and refuses another network's checkpoint."""
 import os
 import subprocess
 import sys
@@ -175,3 +176,105 @@ def test_fit_rejects_empty_data():
     model = two_head_model()
     with pytest.raises(ValueError, match="empty"):
         model.fit((GOOD_X[:0], {"cls": np.zeros(0, int), "box": np.zeros((0, 8))}), epochs=1, verbose=False)
+
+
+# ----- loading a checkpoint never runs code from it -------------------------------------------------
+SOURCE = """
+import pathlib
+pathlib.Path({marker!r}).write_text("the checkpoint's code ran")
+from cnncompile import nn
+net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 3))
+"""
+
+
+def same_net(activation=nn.ReLU):
+    return nn.Sequential(nn.Conv2d(1, 2, 3), activation(), nn.Flatten(), nn.Linear(72, 3))
+
+
+def saved_with_source(tmp_path):
+    """A checkpoint whose stored network source leaves a marker file when it runs."""
+    marker = tmp_path / "ran.txt"
+    model = cc.compile(same_net(), (1, 8, 8), loss=nn.CrossEntropyLoss(),
+                       optimizer=cc.optim.SGD(lr=0.1, momentum=0.9), backend="numpy")
+    model.source_text = SOURCE.format(marker=str(marker))
+    model.train_step(GOOD_X, [0, 1, 2, 0])
+    model.save(tmp_path / "a.ckpt")
+    return model, tmp_path / "a.ckpt", marker
+
+
+def test_load_without_net_refuses_and_runs_nothing(tmp_path):
+    model, path, marker = saved_with_source(tmp_path)
+    with pytest.raises(cc.CheckpointError, match=r"pass net=.*never runs code from the file unless "
+                                                 r"trust_source=True"):
+        cc.load(path)
+    loaded = cc.load(path, net=same_net())
+    assert not marker.exists()
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[key], value)
+    trusted = cc.load(path, trust_source=True)  # the opt-in runs the stored source
+    assert marker.exists()
+    np.testing.assert_array_equal(trusted.predict(GOOD_X), model.predict(GOOD_X))
+
+
+@pytest.mark.parametrize("other,message", [
+    (lambda: same_net(nn.Tanh), "same shapes, different layers"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(108, 3)), r"0\.weight"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(50, 3)), "tracing it"),
+])
+def test_a_checkpoint_of_another_network_is_refused(tmp_path, other, message):
+    _, path, _ = saved_with_source(tmp_path)
+    with pytest.raises(cc.CheckpointError, match=f"different network.*{message}"):
+        cc.load(path, net=other())
+
+
+NETWORK_FILE = """
+import numpy as np
+import cnncompile as cc
+from cnncompile import nn
+optimizer = cc.optim.SGD(lr=0.1)
+net = nn.Sequential(nn.Conv2d(1, {channels}, 3), nn.ReLU(), nn.Flatten(), nn.Linear({channels} * 36, 3))
+input_shape = (1, 8, 8)
+rng = np.random.default_rng(0)
+x, y = rng.standard_normal((24, 1, 8, 8)).astype(np.float32), rng.integers(0, 3, 24)
+dataset = lambda: {{"train": (x, y), "val": (x[:8], y[:8]), "test": (x[:8], y[:8])}}
+"""
+
+
+def test_cli_uses_the_network_file_given_and_refuses_another_networks_checkpoint(tmp_path, capsys):
+    from cnncompile.cli import main
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text(NETWORK_FILE.format(channels=2))
+    b.write_text(NETWORK_FILE.format(channels=4))
+    ckpt = tmp_path / "a.ckpt"
+    main(["train", str(a), "--epochs", "1", "--backend", "numpy", "--checkpoint", str(ckpt)])
+    main(["train", str(a), "--epochs", "2", "--backend", "numpy", "--resume", str(ckpt)])
+    assert "resumed" in capsys.readouterr().out
+    for argv in (["train", str(b), "--epochs", "2", "--backend", "numpy", "--resume", str(ckpt)],
+                 ["show", str(b), "--checkpoint", str(ckpt), "--filters", str(tmp_path / "f.png")]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "different network" in err and "b.py" in err, err
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_meta_naming_a_non_loss_class_is_refused(tmp_path):
+    """A crafted meta.json (with a fresh, valid manifest) cannot make load call other classes."""
+    import json
+    from cnncompile import checkpoint
+    _, path, _ = saved_with_source(tmp_path)
+    meta, arrays = checkpoint.read(path)
+    for field, value, message in [("loss", {"__loss__": "Sequential", "args": {}}, "unknown loss"),
+                                  ("optimizer", {"class": "Optimizer", "hyper": {"lr": 0.1}}, "unknown optimizer")]:
+        edited = json.loads(json.dumps(meta))
+        if field == "loss":
+            edited["compile"]["loss"] = value
+        else:
+            edited["optimizer"] = value
+        members = {checkpoint.META: json.dumps(edited).encode()}
+        members.update({f"{k}.npy": checkpoint._npy_bytes(v) for k, v in arrays.items()})
+        bad = tmp_path / "crafted.ckpt"
+        bad.write_bytes(checkpoint._zip_bytes(members))
+        with pytest.raises(cc.CheckpointError, match=message):
+            cc.load(bad, net=same_net())
