@@ -56,7 +56,7 @@ def refuse(layer: str, option: str, value, why: str) -> None:
 
 def no_placement(layer: str, device, dtype) -> None:
     """``device``/``dtype`` exist in PyTorch's signatures; cnncompile decides both at compile time."""
-    if device not in (None, "cpu"):
+    if device is not None and str(device) != "cpu":
         refuse(layer, "device", device, "cnncompile runs on the CPU; leave device=None")
     if dtype is not None:
         refuse(layer, "dtype", dtype, "choose the precision with cc.compile(..., dtype='float32'|'float64')")
