@@ -46,13 +46,13 @@ def padding_net(nn):
 
 def adaptive_net(nn):
     """9×8 → max pool in ceil mode whose extra window would start in the right padding (dropped:
-    5×5) → adaptive max 3×4 and adaptive mean (2, None) over windows that overlap and differ in
-    size → Flatten(2) keeps (N, C, H·W) → Flatten."""
+    5×5) → adaptive mean (3, None) over windows of 2, 3, 2 rows → adaptive max 2×3 over
+    overlapping windows → Flatten(2) keeps (N, C, H·W) → Flatten."""
     return nn.Sequential(
         nn.Conv2d(2, 4, 3), nn.MaxPool2d(2, 2, 1, ceil_mode=True),
-        nn.AdaptiveMaxPool2d((3, 4)), nn.Conv2d(4, 4, 1),
-        nn.AdaptiveAvgPool2d((2, None)),
-        nn.Flatten(2), nn.Tanh(), nn.Flatten(1, -1), nn.Linear(4 * 2 * 4, 5))
+        nn.AdaptiveAvgPool2d((3, None)), nn.Conv2d(4, 4, 1),
+        nn.AdaptiveMaxPool2d((2, 3)),
+        nn.Flatten(2), nn.Tanh(), nn.Flatten(1, -1), nn.Linear(4 * 2 * 3, 5))
 
 
 CASES = [(pool_net, (2, 13, 11)), (padding_net, (2, 9, 8)), (adaptive_net, (2, 11, 10))]
@@ -106,8 +106,8 @@ def small_padding(nn):
 
 
 def small_adaptive(nn):
-    return nn.Sequential(nn.Conv2d(1, 2, 2), nn.AdaptiveMaxPool2d((4, 2)), nn.Conv2d(2, 2, 1),
-                         nn.AdaptiveAvgPool2d((3, None)), nn.Flatten(2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+    return nn.Sequential(nn.Conv2d(1, 2, 2), nn.AdaptiveAvgPool2d((None, 3)), nn.Conv2d(2, 2, 1),
+                         nn.AdaptiveMaxPool2d((4, 2)), nn.Flatten(2), nn.Tanh(), nn.Flatten(), nn.Linear(16, 3))
 
 
 @pytest.mark.parametrize("builder", [small_pools, small_padding, small_adaptive])
