@@ -253,6 +253,8 @@ def compile_one(layer, input_shape=(2, 5, 5)):
     (lambda: cnn.Sigmoid(True), r"Sigmoid: .*positional.*Sigmoid takes \(\)"),
     (lambda: cnn.Dropout2d(p=1.5), r"Dropout2d: p must be a probability"),
     (lambda: cnn.functional.max_pool2d(None, 2, return_indices=True), r"max_pool2d: return_indices=True"),
+    (lambda: cnn.functional.avg_pool2d(None, 2, 2, 0, False, True, None, 1), r"functional.avg_pool2d: too many"),
+    (lambda: cnn.functional.flatten(None, start=1), r"functional.flatten: .*'start'.*start_dim=1"),
     (lambda: cnn.AvgPool2d(2, divisor_override=0), r"AvgPool2d: divisor_override=0 is not supported"),
 ])
 def test_refused_options_name_layer_and_option(make, message):

@@ -169,7 +169,8 @@ class Dropout2d(Dropout):
         mask = node.params["mask"]
         train = elementwise_stage(node, node.output, out_shape,
                                   lambda syms: read(node.inputs[0], *syms) * read(mask, *syms[:2]),
-                                  note=f"channel dropout p={node.attrs.get('p', 0.5)}: × mask[b, c] ∈ {{0, 1/(1−p)}}")
+                                  note=f"channel dropout p={node.attrs.get('p', 0.5)}: "
+                                       f"× mask[b, c] ∈ {{0, 1/(1−p)}}")
         keep = elementwise_stage(node, node.output, out_shape, lambda syms: read(node.inputs[0], *syms),
                                  note="channel dropout (eval: identity)")
         return [train.with_(mode="train"), keep.with_(mode="eval")]
