@@ -125,12 +125,7 @@ class Model:
         for (key, pred), fn, target, name in zip(self.heads, per_head(self.loss, self.heads, "loss"), targets,
                                                  self.prog.labels):
             what = "target" if key is None else f"target for head {key!r}"
-            if fn.target_dtype == "int":
-                feeds[name] = validate.as_labels(target, len(x), pred.shape[1], what)
-            else:
-                feeds[name] = validate.as_batch(target, fn.target_shape(pred.shape), self.dtype, what)
-                if len(feeds[name]) != len(x):
-                    raise ValueError(f"{what} has {len(feeds[name])} rows but the input has {len(x)}")
+            feeds[name] = fn.prepare_target(target, len(x), pred.shape, self.dtype, what)
         return x, feeds
 
     def noise(self, batch: int, draw: int | None = None) -> dict:

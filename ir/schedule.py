@@ -62,7 +62,7 @@ class Template:
         return first, (blocked[1] if blocked and blocked[0] == first else 1)
 
 
-def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = False, lanes: int = 8) -> Template:
+def template(nest: ClassNest, term: TermNest, prog: Program, lanes: int = 8) -> Template:
     """``lanes``: floats per vector register (8 for float32, 4 for float64 on AVX2). A class with
     several terms keeps its first output variable outermost and unblocked in every term's nest,
     so that all of them (and the initialisation) give each thread the same outputs."""
@@ -73,10 +73,10 @@ def template(nest: ClassNest, term: TermNest, prog: Program, checked: bool = Fal
     order = loop_order(outer, reduce_, lambda v: strided_reads(term.term, v))
     if nest.empty:  # no term reaches this class: its initialisation alone writes it (zeros), never skipped
         return Template("scalar", tuple(order), accumulate)
-    if not checked and map_row_vectorizable(nest, term, prog):
+    if map_row_vectorizable(nest, term, prog):
         return Template("map_row", tuple(order), stage.accumulate, order[-1], dict(outer)[order[-1]],
                         len(order) - 1, fresh=not stage.accumulate)
-    if not accumulate or checked:  # bounds-checked builds use plain loops only
+    if not accumulate:
         return Template("scalar", tuple(order), accumulate)
     if single_term_per_output(nest, term):  # (max pooling's gradient: one gather per output)
         return Template("scalar", tuple(order), False, fresh=True)
@@ -555,7 +555,6 @@ class Kernel:
     templates: list  # per nest, per term
     epilogue: list = field(default_factory=list)  # (Stage, body over the main's grid)
     lanes: int = 8  # vector width the code generator uses
-    plain: bool = False  # plain loops only (the bounds-checked build)
     siblings: list = field(default_factory=list)  # Kernels of other sums run in the same loops (see `sibling`)
 
     @property
@@ -579,7 +578,7 @@ class Kernel:
         if self.epilogue:
             return [([k], None) for k in range(len(self.nests))]
         return [(group, interleaved_pairs([self.nests[k] for k in group], self.templates[group[0]][0], self.lanes)
-                 if len(group) > 1 and not self.plain else None) for group in merge_classes(self.nests, self.templates)]
+                 if len(group) > 1 else None) for group in merge_classes(self.nests, self.templates)]
 
 
 def merge_classes(nests, templates) -> list[list[int]]:
@@ -607,8 +606,8 @@ def merge_classes(nests, templates) -> list[list[int]]:
 class Scheduler:
     """Kernels for every phase of one program; each stage is lowered and templated once."""
 
-    def __init__(self, prog: Program, checked: bool = False, fuse: bool = True, lanes: int = 8):
-        self.prog, self.checked, self.fuse, self.lanes = prog, checked, fuse, lanes
+    def __init__(self, prog: Program, fuse: bool = True, lanes: int = 8):
+        self.prog, self.fuse, self.lanes = prog, fuse, lanes
         self.lowered: dict[int, tuple] = {}  # id(stage) → (nests, templates); stages live in prog
         self.read_sets: dict[int, set] = {}
         self.epilogues: dict[tuple, object] = {}
@@ -617,9 +616,9 @@ class Scheduler:
         """One stage as a kernel of its own."""
         if id(stage) not in self.lowered:
             nests = lower(stage, self.prog)
-            self.lowered[id(stage)] = nests, [[template(n, t, self.prog, self.checked, self.lanes) for t in n.terms]
+            self.lowered[id(stage)] = nests, [[template(n, t, self.prog, self.lanes) for t in n.terms]
                                              for n in nests]
-        return Kernel(stage, *self.lowered[id(stage)], lanes=self.lanes, plain=self.checked)
+        return Kernel(stage, *self.lowered[id(stage)], lanes=self.lanes)
 
     def reads(self, stage: Stage) -> set[str]:
         if id(stage) not in self.read_sets:
@@ -632,7 +631,7 @@ class Scheduler:
         out = []
         while remaining:
             kernel = self.single(remaining.pop(0))
-            if self.fuse and not self.checked and sibling_host(kernel):
+            if self.fuse and sibling_host(kernel):
                 self.gather_siblings(kernel, remaining)
             if self.fuse and epilogue_host(kernel):
                 self.grow(kernel, remaining)

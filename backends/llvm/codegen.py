@@ -28,7 +28,7 @@ class ModuleWriter:
     def __init__(self, prog: Program, ftype: str, prefix: str, checked: bool = False, fuse: bool = True):
         self.prog, self.ft, self.prefix, self.checked = prog, ftype, prefix, checked
         self.current_stage = 0
-        self.scheduler = Scheduler(prog, checked, fuse, lanes=vector_lanes(ftype))
+        self.scheduler = Scheduler(prog, fuse, lanes=vector_lanes(ftype))
         self.steps: dict[str, list] = {}  # phase → per stage of the phase, the index of the kernel running it
         self.units: list[list[int]] = []  # the train phase's kernels, as indices into prog.all_stages()
         self.kernel_functions: dict[tuple, tuple] = {}  # stages (by id) → (function name, its tensors)
@@ -326,12 +326,23 @@ class ModuleWriter:
         return elem, fw.op(f"getelementptr inbounds {elem}, ptr {ptr[tensor]}, i64 {at}", "p")
 
     def checked_offset(self, fw, tensor, at, shapes) -> str:
-        """Bounds-checked mode: an offset outside the buffer is reported (stage, tensor, offset in
-        the scalar block's last four slots) and replaced by 0, so the access stays inside."""
+        """Bounds-checked mode: an offset outside the buffer is reported (see `report_when`) and
+        replaced by 0, so the access stays inside."""
+        bad = fw.op(f"icmp uge i64 {at}, {self.tensor_size(fw, tensor, shapes)}")
+        self.report_when(fw, bad, tensor, at)
+        return fw.op(f"select i1 {bad}, i64 0, i64 {at}")
+
+    @staticmethod
+    def tensor_size(fw, tensor, shapes):
+        """Elements in ``tensor``'s buffer (an i64 value where the batch extent is in it)."""
         size = 1
         for d in shapes[tensor]:
             size = fw.imul(size, "%B") if d == "B" else (size * d if isinstance(size, int) else fw.imul(size, d))
-        bad = fw.op(f"icmp uge i64 {at}, {size}")
+        return size
+
+    def report_when(self, fw, bad, tensor, at) -> None:
+        """Where ``bad`` holds, the access is reported in the scalar block's last four slots
+        (stage, tensor, offset, 1): the runtime raises IndexError naming them."""
         base = len(self.scalar_names)
 
         def report():
@@ -340,7 +351,6 @@ class ModuleWriter:
                 fw.raw(f"store double {fw.op(f'sitofp i64 {value} to double')}, ptr {slot}")
 
         fw.when(bad, report)
-        return fw.op(f"select i1 {bad}, i64 0, i64 {at}")
 
     def store(self, fw, tensor, index, vals, shapes, ptr, value):
         elem, p = self.address(fw, tensor, index, vals, shapes, ptr)
@@ -477,11 +487,11 @@ def vector_lanes(ftype: str) -> int:
     return 8 if ftype == "float" else 4
 
 
-def code_program(prog: Program, ftype: str, checked: bool = False) -> Program:
+def code_program(prog: Program, ftype: str) -> Program:
     """The program the code is written from: with packed layouts (`layout.pack_lanes`) and
-    even/odd copies of stride-2 reads (`parity.pack_parity`), except in bounds-checked builds,
-    which use plain loops only."""
-    return prog if checked else pack_parity(pack_lanes(prog, vector_lanes(ftype)))
+    even/odd copies of stride-2 reads (`parity.pack_parity`); bounds-checked builds run the same
+    program and schedule, each access checked."""
+    return pack_parity(pack_lanes(prog, vector_lanes(ftype)))
 
 
 UNITS_PHASE = "train"  # the phase whose kernels can also be run one at a time
@@ -560,6 +570,7 @@ class RegisterRow:
         self.shared = None  # a block's loads shared by its rows (see TiledRow)
         self.zero_outside = zero_when_masked(term, v)
         self.scatter = not out_index[-1].coeff(v)  # lanes along another axis (schedule.lanes_row)
+        self.offsets = {}  # bounds-checked builds: pointer → (tensor, offset) it was made from
         self.accs = [self.new_row() for _ in range(self.partials)]
 
     def new_row(self, ty: str | None = None) -> list[str]:
@@ -571,11 +582,10 @@ class RegisterRow:
             row.append(slot)
         return row
 
-    def splat(self, scalar: str, ty: str | None = None) -> str:
-        ty = ty or self.fw.ft
-        one = self.fw.op(f"insertelement <{self.lanes} x {ty}> poison, {ty} {scalar}, i64 0")
-        return self.fw.op(f"shufflevector <{self.lanes} x {ty}> {one}, <{self.lanes} x {ty}> poison, "
-                          f"<{self.lanes} x i32> zeroinitializer")
+    def splat(self, scalar: str, ty: str | None = None, lanes: int | None = None) -> str:
+        ty, n = ty or self.fw.ft, lanes or self.lanes
+        one = self.fw.op(f"insertelement <{n} x {ty}> poison, {ty} {scalar}, i64 0")
+        return self.fw.op(f"shufflevector <{n} x {ty}> {one}, <{n} x {ty}> poison, <{n} x i32> zeroinitializer")
 
     def rows(self) -> list[list[str]]:
         """Every accumulator row this schedule holds."""
@@ -680,7 +690,7 @@ class RegisterRow:
         if self.out_index[-1].coeff(self.v) == 2:
             return self.strided_load(tensor, list(self.out_index), vals, mask)
         p = self.address(tensor, self.out_index, vals)
-        return self.fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {mask}, "
+        return self.fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {self.guard(p, mask)}, "
                           f"{self.vt} zeroinitializer)")
 
     def store_row(self, tensor, vals, value, count: int) -> None:
@@ -692,7 +702,7 @@ class RegisterRow:
             self.store_lanes(p, value, count)
             return
         for k in range(count):
-            at = self.fw.op(f"getelementptr {self.fw.ft}, ptr {p}, i64 {2 * k}", "p")
+            at = self.guard_scalar(p, 2 * k)
             self.fw.raw(f"store {self.fw.ft} {self.fw.op(f'extractelement {self.vt} {value}, i64 {k}')}, ptr {at}")
 
     def store_lanes(self, p, value, count: int, ty: str | None = None, lanes: int | None = None) -> None:
@@ -703,6 +713,10 @@ class RegisterRow:
         ty, lanes = ty or fw.ft, lanes or self.lanes
         vector = f"<{lanes} x {ty}>"
         size = {"float": 4, "double": 8, "i32": 4, "i64": 8}[ty]
+        if self.w.checked:  # one masked store of the first ``count`` lanes, each lane checked
+            first = "<" + ", ".join(f"i1 {int(k < count)}" for k in range(lanes)) + ">"
+            self.masked_store(p, value, self.guard(p, first, lanes), ty, lanes)
+            return
         done = 0
         while done < count:
             piece = 1 << ((count - done).bit_length() - 1)
@@ -721,16 +735,51 @@ class RegisterRow:
         """Two W-lane vectors (and their masks) shuffled by ``pattern`` into 2W lanes, stored from
         ``p`` with one masked store (lanes whose mask is off are never touched)."""
         fw, n = self.fw, 2 * self.lanes
-        wide, wide_mask = f"<{n} x {fw.ft}>", f"<{n} x i1>"
-        store = f"@llvm.masked.store.v{n}{'f32' if fw.ft == 'float' else 'f64'}.p0"
-        fw.declares.add(f"declare void {store}({wide}, ptr, i32, {wide_mask})")
         value = fw.op(f"shufflevector {self.vt} {values[0]}, {self.vt} {values[1]}, <{n} x i32> <{pattern}>")
         mask = fw.op(f"shufflevector {self.mt} {masks[0]}, {self.mt} {masks[1]}, <{n} x i32> <{pattern}>")
-        fw.raw(f"call void {store}({wide} {value}, ptr {p}, i32 {self.align}, {wide_mask} {mask})")
+        self.masked_store(p, value, self.guard(p, mask, n), fw.ft, n)
 
-    def address(self, tensor, index, vals) -> str:
+    def masked_store(self, p, value, mask, ty: str, n: int) -> None:
+        """``n`` lanes of ``ty`` at ``p`` where ``mask`` is on (lanes off are never touched)."""
+        fw = self.fw
+        suffix = {"float": "f32", "double": "f64"}.get(ty, ty)
+        store = f"@llvm.masked.store.v{n}{suffix}.p0"
+        fw.declares.add(f"declare void {store}(<{n} x {ty}>, ptr, i32, <{n} x i1>)")
+        align = {"float": 4, "double": 8, "i32": 4, "i64": 8}[ty]
+        fw.raw(f"call void {store}(<{n} x {ty}> {value}, ptr {p}, i32 {align}, <{n} x i1> {mask})")
+
+    def address(self, tensor, index, vals, ty: str | None = None) -> str:
         at = self.w.offset(self.fw, tensor, index, vals, self.shapes)
-        return self.fw.op(f"getelementptr {self.fw.ft}, ptr {self.ptr[tensor]}, i64 {at}", "p")
+        p = self.fw.op(f"getelementptr {ty or self.fw.ft}, ptr {self.ptr[tensor]}, i64 {at}", "p")
+        if self.w.checked:
+            self.offsets[p] = (tensor, at, ty or self.fw.ft)
+        return p
+
+    def guard(self, p, mask, lanes: int | None = None, stride: int = 1) -> str:
+        """Bounds-checked builds: the lanes of ``mask`` whose element (``p`` + stride·k) lies
+        outside its tensor are reported (as a scalar access is) and switched off; otherwise the
+        mask as it is. Every vector template's loads and stores go through here."""
+        if not self.w.checked:
+            return mask
+        fw, n = self.fw, lanes or self.lanes
+        tensor, at, _ = self.offsets[p]
+        steps = "<" + ", ".join(f"i64 {stride * k}" for k in range(n)) + ">"
+        where = fw.op(f"add <{n} x i64> {self.splat(at, 'i64', n)}, {steps}")
+        size = self.splat(str(self.w.tensor_size(fw, tensor, self.shapes)), "i64", n)
+        inside = fw.op(f"icmp ult <{n} x i64> {where}, {size}")
+        outside = fw.op(f"xor <{n} x i1> {inside}, <{', '.join(['i1 1'] * n)}>")
+        fw.declares.add(f"declare i1 @llvm.vector.reduce.or.v{n}i1(<{n} x i1>)")
+        bad = fw.op(f"call i1 @llvm.vector.reduce.or.v{n}i1(<{n} x i1> {fw.op(f'and <{n} x i1> {mask}, {outside}')})")
+        self.w.report_when(fw, bad, tensor, at)
+        return fw.op(f"and <{n} x i1> {mask}, {inside}")
+
+    def guard_scalar(self, p, k: int = 0) -> str:
+        """The element ``k`` past ``p``; in bounds-checked builds, checked like any scalar access."""
+        if not self.w.checked:
+            return self.fw.op(f"getelementptr {self.fw.ft}, ptr {p}, i64 {k}", "p") if k else p
+        tensor, at, ty = self.offsets[p]
+        at = self.w.checked_offset(self.fw, tensor, self.fw.iadd(at, k) if k else at, self.shapes)
+        return self.fw.op(f"getelementptr {ty}, ptr {self.ptr[tensor]}, i64 {at}", "p")
 
     def strided_load(self, tensor, index, vals, mask) -> str:
         """Lanes k of ``tensor[..., 2·v + c]``: from its even/odd copy where the program made one
@@ -744,13 +793,14 @@ class RegisterRow:
             at = dict(vals, __par=fw.op(f"and i64 {c}, 1"), __half=fw.op(f"ashr i64 {c}, 1"))
             where = list(index[:-1]) + [Affine.var("__par"), Affine.var(self.v) + Affine.var("__half")]
             p = self.address(parity_name(tensor), where, at)
-            return fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {mask}, "
+            return fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {self.guard(p, mask)}, "
                          f"{self.vt} zeroinitializer)")
         wide = f"<{2 * n} x {fw.ft}>"
         suffix = f"v{2 * n}{'f32' if fw.ft == 'float' else 'f64'}"
         fw.declares.add(f"declare {wide} @llvm.masked.load.{suffix}.p0(ptr, i32, <{2 * n} x i1>, {wide})")
         mask2 = fw.op(f"shufflevector {self.mt} {mask}, {self.mt} zeroinitializer, <{2 * n} x i32> <{even_lanes(n)}>")
         p = self.address(tensor, index, vals)
+        mask2 = self.guard(p, mask2, 2 * n)
         loaded = fw.op(f"call {wide} @llvm.masked.load.{suffix}.p0(ptr {p}, i32 {self.align}, <{2 * n} x i1> {mask2}, "
                        f"{wide} zeroinitializer)")
         evens = ", ".join(f"i32 {2 * k}" for k in range(n))
@@ -796,9 +846,9 @@ class RegisterRow:
             return self.strided_load(tensor_of(e), index, vals, mask)
         p = self.address(tensor_of(e), index, vals)
         if index[-1].coeff(self.v):
-            return fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {mask}, "
+            return fw.op(f"call {self.vt} {self.load_fn}(ptr {p}, i32 {self.align}, {self.mt} {self.guard(p, mask)}, "
                          f"{self.vt} zeroinitializer)")
-        return self.splat(fw.op(f"load {fw.ft}, ptr {p}"))
+        return self.splat(fw.op(f"load {fw.ft}, ptr {self.guard_scalar(p)}"))
 
     def emit_operation(self, e, vals, mask, made) -> str:
         fw = self.fw
@@ -875,8 +925,7 @@ class MaxRow(RegisterRow):
         for c in range(self.chunks):
             vals[self.v] = str(c * self.lanes)
             for name, rows in self.winners.items():
-                at = self.w.offset(fw, name, self.out_index, vals, self.shapes)
-                p = fw.op(f"getelementptr i32, ptr {self.ptr[name]}, i64 {at}", "p")
+                p = self.address(name, self.out_index, vals, "i32")
                 self.store_lanes(p, fw.op(f"load {self.it}, ptr {rows[c]}"), min(self.lanes, self.extent - c * self.lanes),
                                  "i32")
         del vals[self.v]
@@ -922,13 +971,12 @@ class InterleavedRow(RegisterRow):
             return self.splat(fw.affine(Affine.from_sympy(e), vals), "i64")
         ty = ELEMENT[self.w.prog.tensors[tensor_of(e)].dtype]
         index = [Affine.from_sympy(i) for i in e.indices]
-        at = self.w.offset(fw, tensor_of(e), index, vals, self.shapes)
-        p = fw.op(f"getelementptr {ty}, ptr {self.ptr[tensor_of(e)]}, i64 {at}", "p")
+        p = self.address(tensor_of(e), index, vals, ty)
         if index[-1].coeff(self.v):
             value = fw.op(f"call <{n} x {ty}> @llvm.masked.load.v{n}{ty}.p0(ptr {p}, i32 {int(ty[1:]) // 8}, "
-                          f"{self.mt} {mask}, <{n} x {ty}> zeroinitializer)")
+                          f"{self.mt} {self.guard(p, mask)}, <{n} x {ty}> zeroinitializer)")
         else:
-            value = self.splat(fw.op(f"load {ty}, ptr {p}"), ty)
+            value = self.splat(fw.op(f"load {ty}, ptr {self.guard_scalar(p)}"), ty)
         return value if ty == "i64" else fw.op(f"sext <{n} x {ty}> {value} to <{n} x i64>")
 
     def emit_operation(self, e, vals, mask, made) -> str:

@@ -77,7 +77,7 @@ class LLVMExecutable:
         self.checked = os.environ.get("CNNCOMPILE_CHECK") == "1"
         if manifest is None:
             ftype = "float" if self.dtype == np.float32 else "double"
-            code_prog = code_program(prog, ftype, self.checked)
+            code_prog = code_program(prog, ftype)
             writer = ModuleWriter(code_prog, ftype, PLACEHOLDER, checked=self.checked)
             manifest = {"texts": writer.modules(compile_workers()), "scalar_names": writer.scalar_names,
                         "steps": writer.steps, "units": writer.units, "program": code_prog,
