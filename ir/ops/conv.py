@@ -116,10 +116,10 @@ class Conv2d(OpDef):
         conv_out = node.output if "bias" not in node.params else node.output + ".conv"
         index = tuple(Affine.from_sympy(e) for e in (b, chan_out, x, y))
         _, _, oh, ow = out_shape
-        stages += [Stage(out=conv_out, out_index=index,
-                        domain=(("b", out_shape[0]),) + gdom + (("n", ng), ("x", oh), ("y", ow)),
-                        reduce=(("m", mg), ("i", kh), ("j", kw)), combine="sum", body=body,
-                        layer=node.name, note="convolution")]
+        stages.append(Stage(out=conv_out, out_index=index,
+                            domain=(("b", out_shape[0]),) + gdom + (("n", ng), ("x", oh), ("y", ow)),
+                            reduce=(("m", mg), ("i", kh), ("j", kw)), combine="sum", body=body,
+                            layer=node.name, note="convolution"))
         if "bias" in node.params:
             stages.append(add_bias(node, conv_out, out_shape, channel_axis=1))
         return stages
