@@ -308,7 +308,7 @@ class Model:
 
     def fit(self, train, epochs: int = 1, batch_size: int = 64, validation=None, callbacks=(), seed: int = 0,
             verbose=True, augment=None, nan_guard=None):
-        """Train on ``train = (x, y)`` up to epoch ``epochs``; returns the history (loss, accuracy,
+        """Train on ``train = (x, y)`` for ``epochs`` more epochs; returns the history (loss, accuracy,
         val_loss, val_accuracy, lr, seconds per epoch). See `cnncompile.train.fit`."""
         from .train import fit
         return fit(self, train, epochs, batch_size, validation, callbacks, seed, verbose, augment,
