@@ -223,7 +223,7 @@ def test_memory_kept_is_bounded_over_many_batch_sizes(backend, sizes):
         held = array_bytes_traced()
     finally:
         tracemalloc.stop()
-    assert held < 4 * largest, f"{held} bytes of arrays still held after {sizes} batch sizes (one of {sizes}: {largest})"
+    assert held < 4 * largest, f"{held} bytes of arrays held after {sizes} batch sizes (one of {sizes}: {largest})"
     report = model.memory_report(sizes)
     if backend == "llvm":
         assert report["kept_arenas"] == 1 and report["kept_bytes"] == largest
