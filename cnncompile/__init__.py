@@ -5,6 +5,7 @@ from . import callbacks, nn, optim
 from .augment import Augment
 from .checkpoint import CheckpointError, load
 from .compiler import compile
+from .onnx_import import from_onnx
 from .nn.tracing import current as _current
 
 
@@ -16,5 +17,5 @@ def cat(tensors, dim: int = 1):
 
 
 __all__ = ["CompileError", "ShapeError", "CheckpointError", "Augment", "callbacks", "nn", "optim", "compile", "cat",
-           "load"]
+           "load", "from_onnx"]
 __version__ = "0.1.0"

@@ -163,6 +163,19 @@ def random_targets(model, batch: int, rng):
     return dict(zip(keys, targets)) if all(isinstance(k, str) for k in keys) else tuple(targets)
 
 
+def cmd_export(args) -> None:
+    """The FILE's network (a --checkpoint's weights, or freshly initialised) as an ONNX file."""
+    spec = load_spec(args.file)
+    if args.checkpoint:
+        model = load_checkpoint(args.checkpoint, spec, args)
+    else:  # weights and graph are all an export needs: no loss derived, no machine code
+        model = cc.compile(spec["net"], input_shape=spec.get("input_shape", (1, 32, 32)), backend="numpy",
+                           seed=args.seed)
+    model.export_onnx(args.onnx, opset=args.opset)
+    print(f"wrote {args.onnx} (ONNX opset {args.opset}, inputs 'input' of shape (N, "
+          f"{', '.join(map(str, model.input_shape))}))")
+
+
 def cmd_show(args) -> None:
     """Pictures of a (trained) network: load --checkpoint for trained weights and its history."""
     from . import show
@@ -246,6 +259,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, help="examples per step (default: the file's `batch_size` or 64)")
     bench.add_argument("--steps", type=int, default=20, help="steps per timed round (default: 20)")
     bench.add_argument("--rounds", type=int, default=5, help="timed rounds; the median is printed (default: 5)")
+    export = command("export", "write the network's inference graph and weights as ONNX", cmd_export, backend=False)
+    export.add_argument("--onnx", required=True, metavar="PATH", help="the .onnx file to write")
+    export.add_argument("--checkpoint", help="weights of this FILE's network (default: freshly initialised)")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     show = command("show", "pictures: filters, training curves, top patches, the graph", cmd_show)
     show.add_argument("--checkpoint", help="trained weights and history of this FILE's network (default: "
                                            "freshly initialised)")

@@ -336,6 +336,11 @@ class Model:
                     f.write(dot)
         return dot
 
+    def export_onnx(self, path, opset: int = 17) -> None:
+        """The inference graph (eval mode) with the current weights as an ONNX file; needs ``onnx``."""
+        from .onnx_export import export
+        export(self, path, opset)
+
     def source(self, kind: str = "llvm") -> str:
         """The generated code: "llvm" (IR as generated), "asm" (after O3, this CPU), or "numpy"."""
         from cnncompile.backends import sources
