@@ -5,11 +5,15 @@ batch norm without running statistics, with a cumulative average, called twice; 
 Each network is built by ONE function called with ``torch.nn`` or ``cnncompile.nn``, with the
 options passed positionally where PyTorch's order matters. Options that cannot run are refused
 with a CompileError naming the layer and the option."""
+import re
+from math import floor
+
 import numpy as np
 import pytest
 
 import cnncompile as cc
 from cnncompile import nn as cnn
+from cnncompile.ir.expr import var_bounds
 from helpers import check_gradients, relative, torch_state
 
 import torch  # noqa: E402  (the test extra)
@@ -118,13 +122,19 @@ def test_options_finite_differences(builder):
 
 
 def test_ceil_mode_window_bounds_in_explain():
-    """explain shows the ceil-mode max pool's window bounds: the last window (x = 5 of 6 rows of
-    a 13-row input, rows 9, 11, 13) keeps i ≤ ⌊(13 − 10)/2⌋ = 1, one row past the input skipped."""
+    """The ceil-mode max pool's stage bounds its window by the input, and explain shows it: the last
+    window (x = 5 of 6 rows of a 13-row input: rows 9, 11, 13) keeps i ≤ ⌊(13 − 10)/2⌋ = 1."""
     model = cc.compile(pool_net(cnn), input_shape=(2, 13, 11), backend="numpy")
-    text = model.explain("1")
-    assert "max_{i=max(0, ⌈(1 - 2·x)/2⌉)..min(2, ⌊(13 - 2·x)/2⌋)}" in text
-    assert "max_{j=max(0, ⌈(1 - 2·y)/2⌉)..min(2, ⌊(11 - 2·y)/2⌋)}" in text
     assert model.graph_ir.shape("1.out")[2:] == (6, 5)
+    (stage,) = [s for s in model.prog.forward if s.layer == "1"]
+    _, uppers = var_bounds(stage)["i"]
+
+    def last_i(x):  # the loop's upper bound on i, each bound ⌊(num at x)/div⌋
+        return min(floor((num.const + num.coeff("x") * x) / div) for num, div in uppers)
+
+    assert [last_i(x) for x in range(6)] == [2, 2, 2, 2, 2, 1]
+    text = model.explain("1")
+    assert re.search(r"max_\{i=max\(0, [^}]*\)\.\.min\(2, [^}]*13[^}]*\)\}", text), text
 
 
 def bn_net(nn):
