@@ -90,6 +90,11 @@ def local_derivative(stage: Stage, r: sympy.Indexed):
     d = sympy.diff(stage.body.xreplace(reals), reals[r]).xreplace({v: k for k, v in reals.items()})
     out_read = read(stage.out, *(e.to_sympy() for e in stage.out_index))
     if stage.combine == "max":
+        if len(stage.argmax) != len(stage.reduce):  # zip would drop the routing: a sum over the window
+            raise CompileError(f"internal: max stage {stage.out} of layer {stage.layer!r} records "
+                               f"{len(stage.argmax)} winner tensors for {len(stage.reduce)} window variables; "
+                               f"its gradient must route to the recorded argmax (mark it differentiable=False "
+                               f"if it is not differentiated)")
         for (v, _), winner in zip(stage.reduce, stage.argmax):
             d = d * sympy.KroneckerDelta(var(v), read(winner, *out_read.indices))
     elif stage.combine is None and stage.body.has(sympy.Function):

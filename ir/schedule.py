@@ -30,6 +30,7 @@ import sympy
 
 from .affine import Affine
 from .expr import Program, Stage, tensor_of, var
+from .functions import function_of
 from .loops import ClassNest, TermNest, covers_outputs, lower, read_ranges, shapes_of
 from .residue import substitute
 
@@ -352,9 +353,9 @@ def vector_epilogue(body, row: str, loop_vars, prog) -> bool:
 
 def vector_safe(e, loop_vars, piecewise: bool = False) -> bool:
     """A body the vector templates can emit: +, ×, small powers (and ±1/2, ±3/2: batch norm's σ),
-    reads, numbers, runtime scalars
+    reads, numbers, runtime scalars, functions whose row in `functions` has a vector lowering
     (and, in epilogues, a Piecewise of comparisons: ReLU and its derivative)."""
-    if isinstance(e, sympy.Indexed) or e.is_Number:
+    if isinstance(e, sympy.Indexed) or e.is_number:
         return True
     if isinstance(e, sympy.Symbol):
         return e.name not in loop_vars
@@ -363,6 +364,9 @@ def vector_safe(e, loop_vars, piecewise: bool = False) -> bool:
     if isinstance(e, sympy.Pow) and (e.exp == -1 or (e.exp.is_Integer and 1 < e.exp <= 4) or
                                      (e.exp.is_Rational and e.exp.q == 2 and abs(e.exp.p) <= 3)):
         return vector_safe(e.base, loop_vars, piecewise)
+    row = function_of(e)
+    if row is not None:
+        return row.vector is not None and vector_safe(e.args[0], loop_vars, piecewise)
     if piecewise and isinstance(e, sympy.Piecewise):
         return all(vector_safe(p.expr, loop_vars, piecewise) and
                    (p.cond is sympy.true or (isinstance(p.cond, (sympy.StrictGreaterThan, sympy.StrictLessThan,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sympy
 
 from cnncompile.ir.affine import Affine
+from cnncompile.ir.functions import function_of
 from cnncompile.ir.expr import PHASES, Program, tensor_of
 from cnncompile.ir.layout import pack_lanes
 from cnncompile.ir.parity import pack_parity, parity_name
@@ -858,8 +859,11 @@ class RegisterRow:
             slot = fw.op(f"getelementptr inbounds double, ptr %scalars, i64 {self.w.scalar_names.index(e.name)}", "p")
             value = fw.op(f"load double, ptr {slot}")
             return self.splat(value if fw.ft == "double" else fw.op(f"fptrunc double {value} to float"))
-        if e.is_Number:
+        if e.is_number:
             return self.splat(fw.fconst(float(e)))
+        row = function_of(e)
+        if row is not None:  # (schedule.vector_safe admitted only rows with a vector lowering)
+            return row.vector(fw, self.vt, self.suffix, self.emit(e.args[0], vals, mask, made))
         if isinstance(e, (sympy.Add, sympy.Mul)):
             args = [self.emit(a, vals, mask, made) for a in e.args]
             total = args[0]

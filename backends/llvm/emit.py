@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import sympy
 
-from cnncompile.ir.ops.elementwise import sigmoid
+from cnncompile.ir.functions import function_of, unknown
 
 FAST = "contract reassoc nsz arcp afn"
 
@@ -27,6 +27,8 @@ def hex_const(value: float, ftype: str) -> str:
 
 class FunctionWriter:
     """Lines of one function body, with fresh names and alloca-based loop counters (SROA promotes them)."""
+
+    fast = FAST
 
     def __init__(self, ftype: str):
         self.ft = ftype
@@ -144,6 +146,13 @@ class FunctionWriter:
         call_args = ", ".join(f"{self.ft} {a}" for a in args)
         return self.op(f"call {FAST} {self.ft} @llvm.{name}.{suffix}({call_args})")
 
+    def libm(self, name: str, x):
+        """A C math library function with no LLVM intrinsic (erf, log1p): ``name`` for doubles,
+        ``name`` + f for floats; the JIT resolves it in the process."""
+        symbol = name if self.ft == "double" else f"{name}f"
+        self.declares.add(f"declare {self.ft} @{symbol}({self.ft})")
+        return self.op(f"call {FAST} {self.ft} @{symbol}({self.ft} {x})")
+
 
 class BodyWriter:
     """Emit a stage body: reads become loads at computed offsets, sympy ops become IR."""
@@ -175,7 +184,7 @@ class BodyWriter:
             return self.load_read(e)
         if isinstance(e, sympy.Symbol):
             return self.symbol(e)
-        if e.is_Number:
+        if e.is_number:  # (constants too: π, √2 from a derivative)
             return (int(e) if e.is_Integer else float(e)), "n"
         if e is sympy.true or e is sympy.false:
             return ("true" if e is sympy.true else "false"), "b"
@@ -213,24 +222,21 @@ class BodyWriter:
                     total = fw.fbin("fmul", total, base)
                 return total, "f"
             return fw.intrinsic("pow", base, self.as_float(args[1])), "f"
-        if head in (sympy.exp, sympy.log, sympy.tanh, sympy.Abs):
-            name = {sympy.exp: "exp", sympy.log: "log", sympy.tanh: "tanh", sympy.Abs: "fabs"}[head]
-            return fw.intrinsic(name, self.as_float(args[0])), "f"
-        if head is sigmoid:
-            x = self.as_float(args[0])
-            ex = fw.intrinsic("exp", fw.op(f"fneg {FAST} {fw.ft} {x}"))
-            return fw.fbin("fdiv", fw.fconst(1.0), fw.fbin("fadd", fw.fconst(1.0), ex)), "f"
-        if head is sympy.sign:
-            x = self.as_float(args[0])
-            pos = fw.op(f"fcmp ogt {fw.ft} {x}, {fw.fconst(0)}")
-            neg = fw.op(f"fcmp olt {fw.ft} {x}, {fw.fconst(0)}")
-            inner = fw.op(f"select i1 {neg}, {fw.ft} {fw.fconst(-1)}, {fw.ft} {fw.fconst(0)}")
-            return fw.op(f"select i1 {pos}, {fw.ft} {fw.fconst(1)}, {fw.ft} {inner}"), "f"
+        row = function_of(e)
+        if row is not None:
+            return row.llvm(fw, self.as_float(args[0])), "f"
         if head in COMPARE:
             icmp, fcmp = COMPARE[head]
             if all(k in "in" for _, k in args):
                 return fw.op(f"icmp {icmp} i64 {self.as_int(args[0])}, {self.as_int(args[1])}"), "b"
             return fw.op(f"fcmp {fcmp} {fw.ft} {self.as_float(args[0])}, {self.as_float(args[1])}"), "b"
+        if head in (sympy.And, sympy.Or):
+            total = args[0][0]
+            for a in args[1:]:
+                total = fw.op(f"{'and' if head is sympy.And else 'or'} i1 {total}, {a[0]}")
+            return total, "b"
+        if head is sympy.Not:
+            return fw.op(f"xor i1 {args[0][0]}, true"), "b"
         if head is sympy.KroneckerDelta:
             eq = self.emit(sympy.Eq(*e.args, evaluate=False))
             return eq
@@ -244,7 +250,7 @@ class BodyWriter:
             for a in args[1:]:
                 total = fw.intrinsic("maxnum" if head is sympy.Max else "minnum", total, self.as_float(a))
             return total, "f"
-        raise NotImplementedError(f"the LLVM backend cannot emit {head.__name__} in {e}")
+        raise unknown(e, "LLVM")
 
 
 COMPARE = {sympy.StrictGreaterThan: ("sgt", "ogt"), sympy.StrictLessThan: ("slt", "olt"),

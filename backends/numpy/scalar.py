@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from cnncompile.ir.ops.elementwise import sigmoid
+from cnncompile.ir.functions import function_of, unknown
 
 
 def compile_expr(expr, lookup_read, lookup_symbol):
@@ -17,7 +17,7 @@ def compile_expr(expr, lookup_read, lookup_symbol):
         return lookup_read(expr)
     if isinstance(expr, sympy.Symbol):
         return lookup_symbol(expr)
-    if expr.is_Number:
+    if expr.is_number:  # (constants too: π, √2 from a derivative)
         value = float(expr)
         return lambda env: value
     if expr in (sympy.true, sympy.false):
@@ -45,15 +45,18 @@ def compile_expr(expr, lookup_read, lookup_symbol):
     if head is sympy.KroneckerDelta:
         a, b = args
         return lambda env: np.equal(a(env), b(env))
-    if head in UNARY:
-        f, (a,) = UNARY[head], args
+    row = function_of(expr)
+    if row is not None:
+        f, (a,) = row.numpy, args
         return lambda env: f(a(env))
     if head in BINARY:
         f, (a, b) = BINARY[head], args
         return lambda env: f(a(env), b(env))
+    if head in LOGIC:
+        return _fold(args, LOGIC[head]) if head is not sympy.Not else (lambda env: np.logical_not(args[0](env)))
     if head in (sympy.Max, sympy.Min):
         return _fold(args, np.maximum if head is sympy.Max else np.minimum)
-    raise NotImplementedError(f"the NumPy backend cannot evaluate {head.__name__} in {expr}")
+    raise unknown(expr, "NumPy")
 
 
 def _fold(args, op):
@@ -76,11 +79,6 @@ def _piecewise(pairs, env):
     return result
 
 
-def _sigmoid(x):
-    return 0.5 * (np.tanh(0.5 * x) + 1.0)  # stable for large |x|, no overflow warnings
-
-
-UNARY = {sympy.exp: np.exp, sympy.log: np.log, sympy.tanh: np.tanh, sigmoid: _sigmoid,
-         sympy.Abs: np.abs, sympy.sign: np.sign}
+LOGIC = {sympy.And: np.logical_and, sympy.Or: np.logical_or, sympy.Not: None}
 BINARY = {sympy.StrictGreaterThan: np.greater, sympy.StrictLessThan: np.less,
           sympy.GreaterThan: np.greater_equal, sympy.LessThan: np.less_equal}

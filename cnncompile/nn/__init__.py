@@ -14,3 +14,7 @@ from .loss import BCEWithLogitsLoss, HuberLoss, NLLLoss, SmoothL1Loss  # noqa: E
 from .softmax import LogSoftmax, Softmax  # noqa: E402
 
 __all__ += ["BCEWithLogitsLoss", "HuberLoss", "NLLLoss", "SmoothL1Loss", "LogSoftmax", "Softmax"]
+
+from .activations import ELU, GELU, Hardtanh, ReLU6, SiLU, Softplus  # noqa: E402
+
+__all__ += ["ELU", "GELU", "Hardtanh", "ReLU6", "SiLU", "Softplus"]

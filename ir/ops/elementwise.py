@@ -9,15 +9,8 @@ import sympy
 from ..affine import Affine
 from ..errors import CompileError, ShapeError, where
 from ..expr import Stage, read
+from ..functions import sigmoid, softplus
 from .base import OpDef, elementwise_domain, elementwise_stage, fmt_shape, identity_index, register
-
-
-class sigmoid(sympy.Function):
-    """σ(x) = 1/(1+e^(−x)); its derivative is stated as σ(1−σ), which stays finite for large |x|."""
-
-    def fdiff(self, argindex=1):
-        s = sigmoid(self.args[0])
-        return s * (1 - s)
 
 
 def relu(x):
@@ -28,11 +21,36 @@ def leaky_relu(slope):
     return lambda x: sympy.Piecewise((x, x > 0), (sympy.Float(slope) * x, True))
 
 
-ACTIVATIONS = {
+def clip(lo, hi):
+    return lambda x: sympy.Piecewise((sympy.Float(lo), x < lo), (sympy.Float(hi), x > hi), (x, True))
+
+
+def gelu(approximate):
+    if approximate == "tanh":
+        c = sympy.sqrt(2 / sympy.pi).evalf()
+        return lambda x: sympy.Float(0.5) * x * (1 + sympy.tanh(c * (x + sympy.Float(0.044715) * x ** 3)))
+    return lambda x: sympy.Float(0.5) * x * (1 + sympy.erf(x * sympy.sqrt(sympy.Rational(1, 2)).evalf()))
+
+
+def elu(alpha):
+    return lambda x: sympy.Piecewise((x, x > 0), (sympy.Float(alpha) * (sympy.exp(x) - 1), True))
+
+
+def softplus_of(beta, threshold):
+    b = sympy.Float(beta)
+    return lambda x: sympy.Piecewise((x, b * x > threshold), (softplus(b * x) / b, True))
+
+
+ACTIVATIONS = {  # kind → (attrs → the formula of one element)
     "relu": lambda attrs: relu,
     "sigmoid": lambda attrs: sigmoid,
     "tanh": lambda attrs: sympy.tanh,
     "leaky_relu": lambda attrs: leaky_relu(attrs.get("negative_slope", 0.01)),
+    "silu": lambda attrs: (lambda x: x * sigmoid(x)),
+    "gelu": lambda attrs: gelu(attrs["approximate"]),
+    "elu": lambda attrs: elu(attrs["alpha"]),
+    "softplus": lambda attrs: softplus_of(attrs["beta"], attrs["threshold"]),
+    "hardtanh": lambda attrs: clip(attrs["min_val"], attrs["max_val"]),
     "scale": lambda attrs: (lambda x: sympy.Float(attrs["factor"]) * x),
     "shift": lambda attrs: (lambda x: x + sympy.Float(attrs["offset"])),
 }
