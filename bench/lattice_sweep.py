@@ -1,9 +1,10 @@
 """The long sweep of strided, dilated, padded windows against PyTorch in float64 (the suite runs
 a seeded sample: tests/test_lattice_sweep.py). Every valid spec of ``lattice_sweep.specs()`` at
-every input size below, each with every branch width, in networks of ``--chunk`` branches, on
-both backends; prints how many were checked and every failure.
+every input size below, in networks of ``--chunk`` branches, on both backends, each spec with the
+next branch width in turn (``--all-widths``: with every width); prints how many were checked and
+every failure.
 
-    python bench/lattice_sweep.py [--sizes 3x3,5x5,...] [--chunk 24] [--backends numpy,llvm]
+    python bench/lattice_sweep.py [--sizes 3x3,5x5,...] [--chunk 24] [--backends numpy,llvm] [--all-widths]
 """
 from __future__ import annotations
 
@@ -24,11 +25,14 @@ def main():
     ap.add_argument("--sizes", default=SIZES)
     ap.add_argument("--chunk", type=int, default=24)
     ap.add_argument("--backends", default="numpy,llvm")
+    ap.add_argument("--all-widths", action="store_true")
     args = ap.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     checked, failures, started = 0, [], time.time()
     for size in sizes:
-        branches = [(s, w) for s in specs() if valid(s, size) for w in WIDTHS]
+        chosen = [s for s in specs() if valid(s, size)]
+        branches = ([(s, w) for s in chosen for w in WIDTHS] if args.all_widths
+                    else [(s, WIDTHS[k % len(WIDTHS)]) for k, s in enumerate(chosen)])
         for backend in args.backends.split(","):
             for at in range(0, len(branches), args.chunk):
                 chunk = branches[at:at + args.chunk]

@@ -16,11 +16,16 @@ import numpy as np
 
 CHANNELS = 2  # the network's input; each branch has its own width (1 runs other templates than 2 or 4)
 WIDTHS = (1, 2, 4)
-MAX_POOL_DILATIONS = (1,)
 
 
-def out_size(n, k, s, p, d):
-    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+def out_size(n, k, s, p, d, ceil=False):
+    """PyTorch's output size; with ``ceil``, a last partial window counts if it starts inside
+    the input or its left padding."""
+    span = n + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= n + p:
+        out -= 1
+    return out
 
 
 def pair(v):
@@ -29,35 +34,37 @@ def pair(v):
 
 def valid(spec, size) -> bool:
     """Does the op give at least one output, and does PyTorch accept its padding?"""
-    kind, k, s, p, d = spec[:5]
+    kind, k, s, p, d, options = spec
     for n, kk, ss, pp, dd in zip(size, pair(k), pair(s), pair(p), pair(d)):
-        if out_size(n, kk, ss, pp, dd) < 1:
+        if out_size(n, kk, ss, pp, dd, options.get("ceil_mode", False)) < 1:
             return False
-        if kind != "conv" and pp > kk // 2:  # PyTorch: pad at most half the window
+        if kind != "conv" and pp > kk // 2:  # PyTorch: pad at most half the kernel size
             return False
     return True
 
 
 def specs(kernels=(1, 2, 3, (2, 3)), strides=(1, 2, 3, 4), paddings=(0, 1, 2), dilations=(1, 2, 3)):
-    """Every (kind, kernel, stride, padding, dilation[, flag]): convolutions, max pools (dilated
-    ones too), average pools with and without counting the padding."""
+    """Every (kind, kernel, stride, padding, dilation, options): convolutions, max pools (dilated
+    ones too) and average pools with and without counting the padding, pools also in ceil mode."""
     out = []
     for k, s, p, d in itertools.product(kernels, strides, paddings, dilations):
-        out.append(("conv", k, s, p, d))
-        if k != 1 and d in MAX_POOL_DILATIONS:
-            out.append(("max", k, s, p, d))
+        out.append(("conv", k, s, p, d, {}))
+        if k == 1:
+            continue
+        for ceil in (False, True):
+            out.append(("max", k, s, p, d, {"ceil_mode": ceil}))
             if d == 1:
-                out += [("avg", k, s, p, 1, True), ("avg", k, s, p, 1, False)]
+                out += [("avg", k, s, p, 1, {"ceil_mode": ceil, "count_include_pad": c}) for c in (True, False)]
     return out
 
 
 def make_op(nn, spec, width):
-    kind, k, s, p, d = spec[:5]
+    kind, k, s, p, d, options = spec
     if kind == "conv":
         return nn.Conv2d(width, width, k, stride=s, padding=p, dilation=d)
     if kind == "max":
-        return nn.MaxPool2d(k, s, p, dilation=d) if d != 1 else nn.MaxPool2d(k, s, p)
-    return nn.AvgPool2d(k, s, p, count_include_pad=spec[5])
+        return nn.MaxPool2d(k, s, p, dilation=d, **options)
+    return nn.AvgPool2d(k, s, p, **options)
 
 
 def build(nn, branches):
@@ -127,9 +134,8 @@ def rel(a, b) -> float:
 
 
 def describe(spec) -> str:
-    kind, k, s, p, d = spec[:5]
-    extra = "" if len(spec) < 6 else f" count_include_pad={spec[5]}"
-    return f"{kind} k={k} s={s} p={p} d={d}{extra}"
+    kind, k, s, p, d, options = spec
+    return f"{kind} k={k} s={s} p={p} d={d}" + "".join(f" {key}={value}" for key, value in options.items())
 
 
 def sample(size, count, seed):
