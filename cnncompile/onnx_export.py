@@ -248,6 +248,41 @@ def clip(w: Writer, node):
     w.node("Clip", inputs, node.output, node.name)
 
 
+def silu(w: Writer, node):
+    w.node("Mul", [node.inputs[0], w.node("Sigmoid", [node.inputs[0]], None, node.name)], node.output, node.name)
+
+
+def softplus(w: Writer, node):
+    """log(1 + e^(βx))/β; PyTorch's linear branch above the threshold differs from it by < e^(−threshold)."""
+    beta = float(node.attrs.get("beta", 1.0))
+    if beta == 1.0:
+        w.node("Softplus", [node.inputs[0]], node.output, node.name)
+        return
+    scaled = w.node("Mul", [node.inputs[0], w.const(f"{node.name}.beta", beta)], None, node.name)
+    w.node("Div", [w.node("Softplus", [scaled], None, node.name), w.const(f"{node.name}.beta", beta)], node.output,
+           node.name)
+
+
+def gelu(w: Writer, node):
+    approximate = node.attrs.get("approximate", "none")
+    x = node.inputs[0]
+    if w.opset >= 20:
+        w.node("Gelu", [x], node.output, node.name, approximate=approximate)
+        return
+    if approximate == "tanh":  # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+        cube = w.node("Mul", [w.node("Mul", [x, x], None, node.name), x], None, node.name)
+        inner = w.node("Add", [x, w.node("Mul", [cube, w.const(f"{node.name}.c", 0.044715)], None, node.name)], None,
+                       node.name)
+        core = w.node("Tanh", [w.node("Mul", [inner, w.const(f"{node.name}.k", np.sqrt(2 / np.pi))], None,
+                                      node.name)], None, node.name)
+    else:  # 0.5·x·(1 + erf(x/√2))
+        core = w.node("Erf", [w.node("Mul", [x, w.const(f"{node.name}.k", np.sqrt(0.5))], None, node.name)], None,
+                      node.name)
+    one_plus = w.node("Add", [core, w.const(f"{node.name}.one", 1.0)], None, node.name)
+    half_x = w.node("Mul", [x, w.const(f"{node.name}.half", 0.5)], None, node.name)
+    w.node("Mul", [half_x, one_plus], node.output, node.name)
+
+
 WRITERS = {
     "conv2d": conv2d, "linear": linear, "maxpool2d": maxpool2d, "avgpool2d": avgpool2d,
     "adaptive_avgpool2d": adaptive_avgpool2d, "adaptive_maxpool2d": adaptive_maxpool2d, "batchnorm2d": batchnorm2d,
@@ -259,6 +294,7 @@ WRITERS = {
     "cat": lambda w, node: w.node("Concat", list(node.inputs), node.output, node.name, axis=1),
     "softmax": softmax_axis("Softmax"), "log_softmax": softmax_axis("LogSoftmax"),
     "relu6": clip, "hardtanh": clip, "clamp": clip, "clip": clip,
+    "elu": unary("Elu", alpha=lambda a: float(a.get("alpha", 1.0))), "silu": silu, "softplus": softplus, "gelu": gelu,
 }
 
 

@@ -181,7 +181,7 @@ class Importer:
                 self.steps.append(Step(node, fn, attrs))
         dims = inputs[0].type.tensor_type.shape.dim
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
-        net = OnnxNet(self.steps, {}, inputs[0].name, [o.name for o in self.graph.output],
+        net = OnnxNet(self.steps, self.constants, inputs[0].name, [o.name for o in self.graph.output],
                       None if None in shape else shape)
         for name, layer in self.layers.items():
             net._modules[name] = layer  # names may hold dots: they are the state_dict prefixes
