@@ -12,6 +12,8 @@ Schedule (how loops run), per residue class of a stage:
 """
 from __future__ import annotations
 
+import re
+
 import sympy
 
 from cnncompile.ir.affine import Affine
@@ -40,7 +42,8 @@ class ModuleWriter:
         # (runtime scalars only: a read, and its tensor's name, count among sympy's free symbols)
         self.functions: list[str] = []
         self.signatures: dict[str, str] = {}  # stage function → its declaration, for split modules
-        self.bodies: dict[str, str] = {}  # function text without its name → the function's name
+        self.bodies: dict[str, str] = {}  # function text without its name and comments → the function's name
+        self.users: dict[str, list[str]] = {}  # function name → the kernels (stage labels) that call it
         self.declares: set[str] = set()
         self.elided: dict[int, frozenset] = {}  # train kernel (by id) → outputs it computes but never stores
         self.elide: frozenset = frozenset()  # those of the kernel being written
@@ -82,13 +85,24 @@ class ModuleWriter:
         body = (f"({params}, ptr noalias %scalars, i64 %B, i64 %tid, i64 %nt) noinline {{\n"
                 f"entry:\n  %Bm1 = sub i64 %B, 1\n" + "\n".join(fw.allocas) + "\n" + "\n".join(fw.lines)
                 + "\n  ret void\n}\n")
-        if body in self.bodies:  # the same loops over other buffers (repeated blocks, phases): compile once
-            return self.bodies[body], tensors
-        name = f"@{self.prefix}_stage{len(self.bodies)}"
-        self.bodies[body] = name
+        code = "\n".join(line for line in body.split("\n") if not line.lstrip().startswith(";"))
+        label = kernel_label(kernel)
+        if code in self.bodies:  # the same loops over other buffers (repeated blocks, phases): compile once
+            name = self.bodies[code]
+            if label not in self.users[name]:
+                self.users[name].append(label)
+            return name, tensors
+        name = f"@{self.prefix}_f{len(self.bodies)}_{symbol_part(kernel.main)}"  # after the stage it runs first
+        self.bodies[code], self.users[name] = name, [label]
         self.signatures[name] = f"declare void {name}({', '.join(['ptr'] * (len(tensors) + 1))}, i64, i64, i64)"
         self.functions.append(f"define internal void {name}" + body)
         return name, tensors
+
+    def headed(self, text: str) -> str:
+        """A function's text after comment lines naming every kernel that calls it (outside the
+        body, whose text is what identical kernels share)."""
+        name = function_name(text)
+        return "".join(f"; {label}\n" for label in self.users.get(name, [])) + text
 
     def init_nest(self, fw: FunctionWriter, nest: ClassNest, templates, shapes, ptr) -> None:
         """The outputs set to the sum's identity where its terms add into them."""
@@ -232,6 +246,7 @@ class ModuleWriter:
                 else:
                     vector.innermost(vals, row_bounds)
                 return
+            fw.raw(f"; for {v}" + (" (this thread's share)" if k == 0 and split else ""))  # (not part of the body's key)
             stepped = getattr(vector, "block", None) or block
             paired = getattr(vector, "pair", None) == v  # the batch, two examples a step (a tiled row's pair)
             if stepped is not None and v == stepped[0]:  # a block's variable: one loop step per block
@@ -414,15 +429,16 @@ class ModuleWriter:
                 kernel_of = {id(s): step for step, kernel in enumerate(plan) for s in kernel.stages}
                 self.steps[phase] = [kernel_of[id(s)] for _, _, s in self.prog.phase_stages(phase)]
         head = "\n".join(sorted(self.declares | {BARRIER_DECLARES}))
+        functions = [self.headed(f) for f in self.functions]
         if n <= 1:
-            return [head + "\n\n" + BARRIER + "\n" + "\n".join(self.functions) + "\n" + "\n".join(drivers)]
+            return [head + "\n\n" + BARRIER + "\n" + "\n".join(functions) + "\n" + "\n".join(drivers)]
         bins = [[] for _ in range(n)]
         sizes = [sum(len(d) for d in drivers)] + [0] * (n - 1)
-        for text in sorted(self.functions, key=len, reverse=True):
+        for text in sorted(functions, key=len, reverse=True):
             k = sizes.index(min(sizes))
             bins[k].append(text.replace("define internal void", "define void", 1))
             sizes[k] += len(text)
-        elsewhere = [self.signatures[f.split("(", 1)[0].split()[-1]] for b in bins[1:] for f in b]
+        elsewhere = [self.signatures[function_name(f)] for b in bins[1:] for f in b]
         first = [head, BARRIER, *elsewhere, *bins[0], *drivers]
         return ["\n".join(first)] + ["\n".join([head, *b]) for b in bins[1:] if b]
 
@@ -481,6 +497,34 @@ def unobserved_outputs(plan: list[Kernel], prog: Program) -> dict[int, frozenset
         if dead:
             out[id(kernel)] = dead
     return out
+
+
+def kernel_label(kernel: Kernel) -> str:
+    """What a kernel runs, in words: its main stage's layer, role and output, then what it fuses."""
+    stages = kernel.stages
+    text = stage_label(stages[0])
+    return text + (f" + {len(stages) - 1} fused: " + ", ".join(s.out for s in stages[1:]) if len(stages) > 1 else "")
+
+
+def stage_label(stage) -> str:
+    """``layer '0' forward 0.out.conv``: how `explain` and `model.schedule()` name a stage."""
+    return f"layer '{stage.layer}' {stage.role} {stage.out}"
+
+
+def symbol_part(stage, limit: int = 48) -> str:
+    """A stage as part of an LLVM function name, in letters, digits and _: its layer, its role and
+    its output (named from the layer on where it is the layer's own: ``conv1_forward_out_conv``,
+    ``conv1_backward_d_weight``)."""
+    grad, out = (True, stage.out[4:]) if stage.out.startswith("dL/d") else (False, stage.out)
+    if stage.layer and out.startswith(stage.layer + "."):
+        out = out[len(stage.layer) + 1:]
+    text = f"{stage.layer}_{stage.role}_{'d_' if grad else ''}{out}"
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9]", "_", text)).strip("_")[:limit]
+
+
+def function_name(text: str) -> str:
+    """The ``@name`` a function's text defines (after its comment lines)."""
+    return re.search(r"define (?:internal )?void (@[\w.$-]+)", text)[1]
 
 
 def vector_lanes(ftype: str) -> int:
