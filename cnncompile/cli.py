@@ -111,14 +111,26 @@ def cmd_train(args) -> None:
                 print(f"test {k}: {v:.4f}")
 
 
+def derive_spec(spec: dict, args):
+    """The FILE's network traced (and derived on first use), never compiled to machine code."""
+    from cnncompile.compiler import derivation
+    return derivation(spec["net"], input_shape=spec.get("input_shape", (1, 32, 32)),
+                      loss=spec.get("loss", nn.CrossEntropyLoss()), loss_weights=spec.get("loss_weights"),
+                      optimizer=spec.get("optimizer"), backend=getattr(args, "backend", None))
+
+
 def cmd_explain(args) -> None:
     spec = load_spec(args.file)
-    print(compile_spec(spec, args).explain(args.layer, latex=args.latex))
+    derived = derive_spec(spec, args)
+    if args.schedule:
+        print(derived.schedule(args.phase))
+    else:
+        print(derived.explain(args.layer, latex=args.latex, notation=args.notation))
 
 
 def cmd_summary(args) -> None:
     spec = load_spec(args.file)
-    print(compile_spec(spec, args, with_training=False).summary())
+    print(derive_spec(spec, args).summary())
 
 
 def cmd_emit(args) -> None:
@@ -249,6 +261,13 @@ def parser() -> argparse.ArgumentParser:
     explain = command("explain", "print the forward formulas and every derived backward formula", cmd_explain)
     explain.add_argument("layer", nargs="?", help="a layer's name as `summary` lists it (default: every layer)")
     explain.add_argument("--latex", action="store_true", help="LaTeX instead of Unicode text")
+    explain.add_argument("--notation", choices=["code", "lecture"], default="code",
+                         help="code: the tensors' short names (W, X, Z, ∂L/∂Z); lecture: z(l, n, x, y), "
+                              "w_l(m, n, i, j), y(l-1, m, x+i, y+j), dDiv/dz")
+    explain.add_argument("--schedule", action="store_true",
+                         help="print the LLVM schedule instead: per phase and kernel the stages it fuses, loop "
+                              "order, template, vector width, blocking and the threads' split")
+    explain.add_argument("--phase", help="with --schedule: only this phase (train, predict, grads, ...)")
     command("summary", "per layer: output shape, parameters, MACs, receptive field", cmd_summary)
     emit = command("emit", "print the generated code", cmd_emit, backend=False)
     group = emit.add_mutually_exclusive_group()

@@ -135,3 +135,15 @@ def backend_class(backend):
             return LLVMExecutable
     from cnncompile.backends.numpy.program import NumpyExecutable
     return NumpyExecutable
+
+
+def derivation(net: Module, input_shape, loss=None, optimizer=None, loss_weights=None, backend: str | None = None,
+               dtype="float32"):
+    """The traced graph and (on first use) the derived program, with no executable: what `explain`,
+    `summary` and `schedule` print, without the seconds machine code takes to generate."""
+    from .derivation import Derivation
+
+    if optimizer is not None and loss is None:
+        raise CompileError("an optimizer needs a loss: pass loss=nn.CrossEntropyLoss() (or another)")
+    tracer, heads, targets, loss_name = trace(net, input_shape, loss, loss_weights)
+    return Derivation(net, tracer, heads, targets, loss_name, loss, optimizer, input_shape, backend, dtype)

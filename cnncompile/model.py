@@ -301,10 +301,17 @@ class Model:
                 f"optimizer={self.optimizer!r}>")
 
     # ----- showing ----------------------------------------------------------------------------
-    def explain(self, layer=None, latex: bool = False) -> str:
-        """The forward stages and the derived backward stages of a layer (or of all), as run."""
+    def explain(self, layer=None, latex: bool = False, notation: str = "code") -> str:
+        """The forward stages and the derived backward stages of a layer (or of all), as run;
+        ``latex=True``: a whole LaTeX document; ``notation="lecture"``: z(l, n, x, y), w_l, dDiv/dz."""
         from .explain import explain
-        return explain(self, layer, latex)
+        return explain(self, layer, latex, notation)
+
+    def schedule(self, phase: str | None = None) -> str:
+        """How the LLVM backend runs each phase: per kernel its fused stages, loop order, template,
+        vector width, blocking and the threads' split (read from the scheduler, not from the code)."""
+        from .schedule_text import schedule
+        return schedule(self.prog, phase, self.dtype)
 
     def fit(self, train, epochs: int = 1, batch_size: int = 64, validation=None, callbacks=(), seed: int = 0,
             verbose=True, augment=None, nan_guard=None):
