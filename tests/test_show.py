@@ -1,4 +1,6 @@
-"""Issue 6: receptive fields against hand computation, pictures that show what they claim."""
+"""Receptive fields against hand computation; pictures that show what they claim: labelled and
+scaled filter grids, curves over whole epochs with every head's loss, the graph IR laid out in
+layers with every input of a join drawn (Graphviz where installed, matplotlib otherwise)."""
 import runpy
 from pathlib import Path
 
@@ -56,10 +58,33 @@ def test_filter_grid_is_the_weights(tmp_path):
         tile_ = grid[6 * n:6 * n + 5, :, 0]
         expected = (w[n, 0] - w[n, 0].min()) / (w[n, 0].max() - w[n, 0].min())
         np.testing.assert_allclose(tile_, expected, atol=1e-6)
-    show.save_filters(model, tmp_path / "filters.png")
+    grid3 = show.filter_grid(model, "3")  # rows: output channels n, columns: input channels m
+    w3 = model.state_dict()["3.weight"]
+    assert grid3.shape == (16 * 6 - 1, 6 * 6 - 1, 1)
+    n, m = 11, 4
+    tile_ = grid3[6 * n:6 * n + 5, 6 * m:6 * m + 5, 0]
+    np.testing.assert_allclose(tile_, (w3[n, m] - w3[n, m].min()) / np.ptp(w3[n, m]), atol=1e-6)
+
+
+def test_filter_picture_is_labelled_and_big_enough_to_see(tmp_path, monkeypatch):
+    model = lenet_model()
+    drawn = {}
+    real = show.save_image
+    monkeypatch.setattr(show, "save_image", lambda array, path, title="", **kw: (drawn.update(kw), real(array, path,
+                                                                                                          title, **kw)))
+    show.save_filters(model, tmp_path / "filters.png", "3")
+    assert drawn["labels"] == ("output channel n", "input channel m")
+    assert [label for _, label in drawn["rows"]] == list(range(16))
+    assert [label for _, label in drawn["columns"]] == list(range(6))
+    assert drawn["rows"][1][0] == 6 + 2 and drawn["columns"][4][0] == 4 * 6 + 2  # tile centres
     import matplotlib.image
     png = matplotlib.image.imread(tmp_path / "filters.png")
-    assert png.ndim == 3 and png.std() > 0.05
+    assert png.shape[0] >= 16 * 5 * 8 and png.shape[1] >= 6 * 5 * 8  # ≥ 8 screen pixels per weight
+    show.save_filters(model, tmp_path / "first.png")
+    first = matplotlib.image.imread(tmp_path / "first.png")
+    assert first.shape[0] >= 6 * 5 * 16 and first.std() > 0.05  # a 5×5 filter: ≥ 80 pixels a side
+    with pytest.raises(KeyError, match=r"no convolution named '7'; the convolutions are \['0', '3'\]"):
+        show.save_filters(model, tmp_path / "x.png", "7")
 
 
 def test_top_patches_are_the_receptive_fields_of_the_strongest_activations(tmp_path):
@@ -86,9 +111,98 @@ def test_curves_and_graph_pictures(tmp_path):
     assert history["epoch"] == [1, 2] and len(history["val_accuracy"]) == 2
     show.save_curves(model.history, tmp_path / "curves.png")
     dot = model.graph(tmp_path / "graph.png")
-    assert dot.startswith("digraph") and '"0" -> "1"' in dot and "1×32×32" in dot
+    assert dot.startswith("digraph") and '"0" -> "1"' in dot and "N×1×32×32" in dot
     for name in ("curves.png", "graph.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curves_show_whole_epochs_and_every_heads_loss():
+    history = {"epoch": [1, 2, 3], "loss": [3.0, 2.0, 1.5], "cls_loss": [1.0, 0.8, 0.7], "box_loss": [0.2, 0.1, 0.08],
+               "accuracy": [0.3, 0.5, 0.6], "val_loss": [3.1, 2.2, 1.7], "val_cls_loss": [1.1, 0.9, 0.8],
+               "val_box_loss": [0.2, 0.13, 0.09], "val_accuracy": [0.3, 0.4, 0.5], "lr": [0.1] * 3,
+               "seconds": [1.0] * 3}
+    assert show.curve_panels(history) == ["loss", "cls_loss", "box_loss", "accuracy"]
+    fig = show.curves_figure(history)
+    try:
+        for ax in fig.axes:
+            low, high = ax.get_xlim()
+            shown = [t for t in ax.get_xticks() if low <= t <= high]
+            assert shown == [1, 2, 3], shown  # whole epochs only
+            assert [len(line.get_xdata()) for line in ax.get_lines()] == [3, 3]  # training and validation
+        assert list(fig.axes[2].get_lines()[1].get_ydata()) == history["val_box_loss"]
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
+class Joins(nn.Module):
+    """A stem, a residual add and a three-way concatenation: joins with several inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.a = nn.Conv2d(2, 2, 3, padding=1)
+        self.b = nn.Conv2d(2, 2, 3, padding=1)
+        self.c = nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(6 * 8 * 8, 3)
+
+    def forward(self, x):
+        s = self.stem(x)
+        a = self.a(s)
+        r = nn.functional.relu(self.b(a) + s)
+        c = self.c(r)
+        return self.fc(cc.cat([s, r, c], 1).flatten(1))
+
+
+def joins_model():
+    return cc.compile(Joins(), (1, 8, 8), loss=nn.CrossEntropyLoss(), backend="numpy")
+
+
+def test_the_graph_is_read_from_the_graph_ir_with_every_input_of_a_join():
+    model = joins_model()
+    og = show.op_graph(model.tracer.graph)
+    into = {n: [s for s, d, _ in og.edges if d == n] for n in og.nodes}
+    add = next(n for n in og.nodes if og.kind[n] == "add")
+    cat = next(n for n in og.nodes if og.kind[n] == "cat")
+    assert into[add] == ["b", "stem"]
+    assert into[cat][0] == "stem" and into[cat][2] == "c" and og.kind[into[cat][1]] == "relu"
+    assert into["loss"] == ["fc", "target"] and og.kind["target"] == "input"
+    assert og.label["stem"] == ["stem", "Conv2d 2×8×8, 20 params"]
+    dot = show.graph_dot(model)
+    assert sum(line.strip().endswith(f'-> "{cat}";') for line in dot.splitlines()) == 3
+    import inspect
+    assert "DiGraph(" not in inspect.getsource(show)  # no second graph: the IR's own networkx graph
+
+
+def test_layered_layout_puts_producers_above_and_skip_edges_beside_the_boxes():
+    og = show.op_graph(joins_model().tracer.graph)
+    pos = show.layered_layout(og)
+    assert len(set(pos.values())) == len(pos)  # no two boxes in one place
+    assert all(pos[d][1] > pos[s][1] for s, d, _ in og.edges)  # every edge points down
+    lanes = show.side_lanes(og, pos)
+    skips = {(s, d) for s, d, _ in og.edges if pos[d][1] - pos[s][1] > 1}
+    assert skips and set(lanes) == skips  # the residual's and the concatenation's long inputs
+    for (s, d), (column, _) in lanes.items():
+        passed = [c for n, (c, r) in pos.items() if pos[s][1] <= r <= pos[d][1]]
+        assert column >= max(passed)  # the lane runs right of every box it passes
+    for e, o in ((e, o) for e in lanes for o in lanes if e != o):
+        if pos[e[0]][1] < pos[o[1]][1] and pos[o[0]][1] < pos[e[1]][1]:  # spans overlap: lanes apart
+            assert lanes[e][1] != lanes[o][1], (e, o)
+
+
+@pytest.mark.parametrize("drawer", ["matplotlib", "dot"])
+def test_graph_png_is_readable(drawer, tmp_path, monkeypatch):
+    if drawer == "matplotlib":
+        monkeypatch.setattr(show, "dot_program", lambda: None)
+    elif show.dot_program() is None:
+        pytest.skip("Graphviz's dot is not installed here (the matplotlib drawing is tested)")
+    model = joins_model()
+    assert show.save_graph(model, tmp_path / "g.png") == drawer
+    import matplotlib.image
+    png = matplotlib.image.imread(tmp_path / "g.png")
+    ranks = max(show.ranks(show.op_graph(model.tracer.graph)).values()) + 1
+    assert png.shape[0] >= 40 * ranks  # room for two lines of text per rank
+    assert png.shape[1] >= 250 and png.std() > 0.05
 
 
 def test_fit_draws_its_curves_every_epoch(tmp_path):
