@@ -18,13 +18,12 @@ import hashlib
 import io
 import json
 import math
-import os
-import re
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from . import diskcache
 
 FORMAT, VERSION = "cnncompile-checkpoint", 2
 META, MANIFEST = "meta.json", "manifest.json"
@@ -140,36 +139,12 @@ def _zip_bytes(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def _temp_pattern(path: Path) -> re.Pattern:
-    """The names ``tempfile.mkstemp`` gives this save's temporary files (8 random characters)."""
-    return re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Temporary files of earlier saves to this path that were killed before renaming them."""
-    pattern = _temp_pattern(path)
-    for entry in path.parent.iterdir():
-        if pattern.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
-            try:
-                entry.unlink()
-            except FileNotFoundError:
-                pass
-
-
 def _write_atomically(path: Path, data: bytes) -> None:
+    """The file replaced whole (`diskcache.atomic_write`, synced to disk), after the temporary
+    files of earlier saves to it that were killed before their rename are removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # the old file stays whole until the new one is complete
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    diskcache.remove_stale_temps(path)
+    diskcache.atomic_write(path, data)
 
 
 def save(model, path) -> None:

@@ -45,10 +45,28 @@ def max_bytes() -> int:
     return DEFAULT_MAX if text is None or not text.strip() else parse_size(text)
 
 
+def temp_name_pattern(path) -> re.Pattern:
+    """The names `atomic_write` gives its temporary files next to ``path`` (a writer killed before
+    its rename leaves one behind; see `remove_stale_temps`)."""
+    return re.compile(rf"\.tmp-{re.escape(Path(path).name)}-[a-z0-9_]{{8}}")
+
+
+def remove_stale_temps(path) -> None:
+    """Temporary files of earlier writes to ``path`` whose writer died before renaming them."""
+    pattern = temp_name_pattern(path)
+    for entry in Path(path).parent.iterdir():
+        if pattern.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            try:
+                entry.unlink()
+            except FileNotFoundError:
+                pass
+
+
 def atomic_write(path, data: bytes, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` through a temporary file renamed into place: a reader sees the old
     file or the whole new one, never a part. ``durable`` syncs the bytes to disk before the rename
-    (a crash then cannot leave an empty file under the new name). Errors propagate."""
+    (a crash then cannot leave an empty file under the new name). Errors propagate. The one atomic
+    writer of the project: the caches and checkpoints use it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
     try:

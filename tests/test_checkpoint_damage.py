@@ -177,9 +177,9 @@ def test_a_file_that_is_not_a_checkpoint_is_an_error(tmp_path, kind):
 def test_stale_temporary_files_are_removed_at_the_next_save(tmp_path):
     """Only this save's own temporary-file pattern next to the target is touched."""
     path = tmp_path / "run.ckpt"
-    stale = [tmp_path / ".run.ckpt.k3x_9abz.tmp", tmp_path / ".run.ckpt.00000000.tmp"]
-    kept = [tmp_path / ".other.ckpt.k3x_9abz.tmp", tmp_path / "run.ckpt.k3x_9abz.tmp",
-            tmp_path / ".run.ckpt.tmp", tmp_path / ".run.ckpt.longer_name.tmp", tmp_path / "notes.txt"]
+    stale = [tmp_path / ".tmp-run.ckpt-k3x_9abz", tmp_path / ".tmp-run.ckpt-00000000"]
+    kept = [tmp_path / ".tmp-other.ckpt-k3x_9abz", tmp_path / "tmp-run.ckpt-k3x_9abz",
+            tmp_path / ".tmp-run.ckpt-", tmp_path / ".tmp-run.ckpt-longer_name", tmp_path / "notes.txt"]
     for p in stale + kept:
         p.write_bytes(b"partial")
     tiny_checkpoint(path)

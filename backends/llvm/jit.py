@@ -29,15 +29,19 @@ def host_features() -> str:
     return features.flatten()
 
 
+def new_target_machine():
+    """A target machine for this host's CPU and features (see `host_features`), at O3: the one
+    place one is made."""
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    return llvm.Target.from_default_triple().create_target_machine(
+        cpu=llvm.get_host_cpu_name(), features=host_features(), opt=3, codemodel="jitdefault")
+
+
 def target():
     global _target_machine
     if _target_machine is None:
-        llvm.initialize_native_target()
-        llvm.initialize_native_asmprinter()
-        t = llvm.Target.from_default_triple()
-        _target_machine = t.create_target_machine(cpu=llvm.get_host_cpu_name(),
-                                                  features=host_features(), opt=3,
-                                                  codemodel="jitdefault")
+        _target_machine = new_target_machine()
     return _target_machine
 
 
@@ -46,13 +50,7 @@ def engine():
     global _engine
     with _lock:
         if _engine is None:
-            llvm.initialize_native_target()
-            llvm.initialize_native_asmprinter()
-            t = llvm.Target.from_default_triple()
-            tm = t.create_target_machine(cpu=llvm.get_host_cpu_name(),
-                                         features=host_features(), opt=3,
-                                         codemodel="jitdefault")
-            _engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
+            _engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), new_target_machine())
         return _engine
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from cnncompile.ir.buffers import PERSISTENT, array_dtype, plan_buffers
 from cnncompile.ir.expr import BATCH, PHASES, Program
+from cnncompile.backends.env import Env
 from .codegen import UNITS_PHASE, ModuleWriter, code_program
 from .jit import Compiled, compile_workers, fingerprint
 from .workers import pool
@@ -59,12 +60,6 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
 def thread_count() -> int:
     wanted = os.environ.get("CNNCOMPILE_THREADS")
     return max(1, int(wanted)) if wanted else max(1, min(2, len(os.sched_getaffinity(0))))
-
-
-class Env(dict):
-    def __init__(self, *args, scalars=None):
-        super().__init__(*args)
-        self.scalars = scalars if scalars is not None else {}
 
 
 class LLVMExecutable:

@@ -13,6 +13,7 @@ from collections import OrderedDict
 import numpy as np
 
 from cnncompile.ir.expr import BATCH, Program
+from cnncompile.backends.env import Env
 from .run import StageRunner
 
 from cnncompile.ir.buffers import PERSISTENT, array_dtype, plan_buffers
@@ -29,14 +30,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class Env(dict):
-    """Buffers by tensor name, plus the runtime scalars (batch size, learning rate, ...)."""
-
-    def __init__(self, *args, scalars=None):
-        super().__init__(*args)
-        self.scalars = scalars if scalars is not None else {}
 
 
 class NumpyExecutable:
