@@ -253,11 +253,30 @@ class _Common:
             (a, cond), (other, _) = pieces
             if other == 0 and a == 1:
                 return self.bracket(self._print(cond))
+            if other == 1 and a == 0:  # (ReLU6′, Hardtanh′: 1 inside the range)
+                return self.bracket(self._print(sympy.logic.boolalg.to_nnf(sympy.Not(cond))))
             if other == 0 and is_positive_test(cond, a):
                 return self.maximum(self._print(a))
             if other == 0:
                 return self.bracket(self._print(cond)) + self.product() + self.parenthesize(a, 50)
+        clamp = clamped(pieces)
+        if clamp is not None:
+            return self.clamp(*(self._print(v) for v in clamp))
         return self.cases(pieces)
+
+
+def clamped(pieces):
+    """``(lo, x < lo), (hi, x > hi), (x, True)`` (ReLU6, Hardtanh) → (lo, x, hi), else None."""
+    if len(pieces) != 3 or pieces[2].cond != sympy.true:
+        return None
+    x, bounds = pieces[2].expr, {}
+    for value, cond in pieces[:2]:
+        same = cond.is_Relational and cond.lhs == x and (cond.rhs - value).is_zero
+        if same and isinstance(cond, sympy.StrictLessThan):
+            bounds["lo"] = cond.rhs
+        elif same and isinstance(cond, sympy.StrictGreaterThan):
+            bounds["hi"] = cond.rhs
+    return (bounds["lo"], x, bounds["hi"]) if len(bounds) == 2 else None
 
 
 def is_positive_test(cond, a) -> bool:
@@ -277,6 +296,24 @@ class UnicodePrinter(_Common, StrPrinter):
 
     def product(self) -> str:
         return "·"
+
+    def clamp(self, lo: str, x: str, hi: str) -> str:
+        return f"min(max({lo}, {x}), {hi})"
+
+    def _print_And(self, e):
+        return " and ".join(self.parenthesize(a, 30) for a in e.args)
+
+    def _print_Or(self, e):
+        return " or ".join(self.parenthesize(a, 30) for a in e.args)
+
+    def _print_Pi(self, e):
+        return "π"
+
+    def _print_GreaterThan(self, e):
+        return f"{self._print(e.lhs)} ≥ {self._print(e.rhs)}"
+
+    def _print_LessThan(self, e):
+        return f"{self._print(e.lhs)} ≤ {self._print(e.rhs)}"
 
     def cases(self, pieces) -> str:
         parts = [f"{self._print(p.expr)} if {self._print(p.cond)}" for p in pieces if p.cond != sympy.true]
@@ -305,6 +342,9 @@ class LatexFormulaPrinter(_Common, LatexPrinter):
     def product(self) -> str:
         return " "
 
+    def clamp(self, lo: str, x: str, hi: str) -> str:
+        return f"\\min\\left(\\max\\left({lo}, {x}\\right), {hi}\\right)"
+
     def cases(self, pieces) -> str:
         rows = [f"{self._print(p.expr)} & " + ("\\text{otherwise}" if p.cond == sympy.true else
                                                 f"\\text{{if }} {self._print(p.cond)}") for p in pieces]
@@ -312,7 +352,9 @@ class LatexFormulaPrinter(_Common, LatexPrinter):
 
     def _needs_mul_brackets(self, expr, first=False, last=False) -> bool:
         """An indicator [x > 0] or max(0, x) is a bracket already."""
-        if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2 and expr.args[1].expr == 0:
+        if isinstance(expr, sympy.Piecewise) and (clamped(expr.args) is not None or (
+                len(expr.args) == 2 and expr.args[1].cond == sympy.true and
+                (expr.args[1].expr == 0 or (expr.args[0].expr == 0 and expr.args[1].expr == 1)))):
             return False
         return super()._needs_mul_brackets(expr, first, last)
 

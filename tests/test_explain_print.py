@@ -82,6 +82,13 @@ def test_leaky_relu_prints_its_cases():
     assert "Z[b, c, x, y] = {X[b, c, x, y] if X[b, c, x, y] > 0; 0.1·X[b, c, x, y] otherwise}" in text
 
 
+def test_relu6_prints_as_a_clamp_and_its_derivative_as_the_range_indicator():
+    d = derivation(nn.Sequential(nn.ReLU6()), (1, 2, 2), nn.MSELoss())
+    text = d.explain("0")
+    assert "Z[b, c, x, y] = min(max(0, X[b, c, x, y]), 6.0)" in text
+    assert "∂L/∂X[b, c, x, y] = [X[b, c, x, y] ≤ 6.0 and X[b, c, x, y] ≥ 0]·∂L/∂Z[b, c, x, y]" in text
+
+
 def test_lecture_notation_names():
     d = small()
     text = d.explain("0", notation="lecture")
