@@ -13,6 +13,7 @@ from cnncompile.nn.module import Module, TracedTensor
 from cnncompile.nn.tracing import Tracer
 
 from . import program_cache
+from .frontends.torch_fx import as_network
 
 BACKENDS = ("llvm", "numpy")
 
@@ -42,8 +43,9 @@ def per_head(value, heads, what: str) -> list:
 
 
 def trace(net: Module, input_shape, loss=None, loss_weights=None):
+    net = as_network(net)  # a torch.nn.Module: converted (torch is imported only then)
     if not isinstance(net, Module):
-        raise CompileError(f"cc.compile expects a cnncompile.nn.Module, got {type(net).__name__}")
+        raise CompileError(f"cc.compile expects a cnncompile.nn.Module or a torch.nn.Module, got {type(net).__name__}")
     shape = tuple(int(s) for s in input_shape)
     if not shape or min(shape) < 1:
         raise CompileError(f"input_shape must be one example's shape without the batch axis, got {input_shape!r}")
@@ -78,6 +80,7 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
     from .model import Model
 
     started = time.perf_counter()
+    net = as_network(net)
     if optimizer is not None and loss is None:
         raise CompileError("an optimizer needs a loss: pass loss=nn.CrossEntropyLoss() (or another)")
     dtype, executable_class = np.dtype(dtype), backend_class(backend)

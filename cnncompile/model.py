@@ -76,6 +76,12 @@ class Model:
                     self.batches_tracked * self.bn_calls.get(n[: -len(".running_var")], 1), np.int64)
         return out
 
+    def to_torch_state_dict(self):
+        """`state_dict` as torch tensors, so ``torch_module.load_state_dict(model.to_torch_state_dict())``
+        puts trained weights back into the module the model was compiled from (needs torch)."""
+        from .frontends.torch_fx import to_torch_state_dict
+        return to_torch_state_dict(self)
+
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         names = self.prog.state_names
         counters = [c for c in self._counter_names() if c in state]

@@ -5,6 +5,7 @@ graph IR. Parameters live in the compiled model, named like PyTorch's ``state_di
 """
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -16,6 +17,12 @@ from cnncompile.ir.ops import OpNode
 from . import tracing
 
 
+def is_torch_module(value) -> bool:
+    """A torch.nn.Module (torch is never imported for this: without it loaded, nothing is one)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.nn.Module)
+
+
 class Module:
     def __init__(self):
         object.__setattr__(self, "_modules", OrderedDict())
@@ -25,6 +32,9 @@ class Module:
         if "_modules" not in self.__dict__:
             raise CompileError(f"{type(self).__name__}.__init__ must call super().__init__() before "
                                f"assigning attributes")
+        if not isinstance(value, Module) and is_torch_module(value):  # converted, never silently dropped
+            from cnncompile.frontends.torch_fx import convert
+            value = convert(value, f"{type(self).__name__}.{name}")
         if isinstance(value, Module):
             self._modules[name] = value
         object.__setattr__(self, name, value)
@@ -187,6 +197,18 @@ class TracedTensor:
 
     def relu(self):
         return tracing.current().add_functional("relu", [self])
+
+    def mean(self, dim=None, keepdim=False):
+        """Only a feature map's spatial mean, ``x.mean((2, 3))``: global average pooling."""
+        from cnncompile.frontends.torch_fx import mean
+        return mean(self, dim, keepdim)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """torch functions called on traced tensors (``torch.cat``, ``F.relu``, ``torch.flatten``)
+        record the same ops as cnncompile's own forms; one without a mapping is a CompileError."""
+        from cnncompile.frontends.torch_fx import call_torch_function
+        return call_torch_function(func, args, kwargs or {})
 
     def __repr__(self):
         return f"TracedTensor({self.name}, shape={self.shape})"
