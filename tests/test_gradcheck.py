@@ -81,7 +81,7 @@ def test_residual_join_and_scalars(backend):
     check_gradients(net, (2, 9, 8), nn.MSELoss(), X, regression_target(net), backend)
 
 
-# ----- issue 4's layers --------------------------------------------------------------------------
+# ----- batch norm, dropout, more layers and joins ---------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_batch_norm(backend, mode):

@@ -1,4 +1,4 @@
-"""Issue 8: random valid networks (conv geometry, groups, pools, BN, activations, residual and
+"""Random valid networks (conv geometry, groups, pools, BN, activations, residual and
 concatenation joins, one or two heads) against PyTorch: loss and every gradient, both backends.
 A fixed-seed slice runs here; ``bench/fuzz_torch.py`` runs the long version."""
 import numpy as np

@@ -1,4 +1,4 @@
-"""Issue 5: exact resume, schedules and callbacks, checkpoints that fail loudly, augmentation."""
+"""Training: exact resume, schedules and callbacks, checkpoints that fail loudly, augmentation."""
 import csv
 import os
 

@@ -1,4 +1,4 @@
-"""Issue 4's networks against PyTorch (loss, every gradient, buffers, 3 SGD and 3 Adam steps) in
+"""The zoo networks (tests/zoo_nets.py) against PyTorch (loss, every gradient, buffers, 3 SGD and 3 Adam steps) in
 training and eval mode, on both backends; dropout against PyTorch with the same mask."""
 import numpy as np
 import pytest

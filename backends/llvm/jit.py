@@ -1,5 +1,5 @@
 """One MCJIT engine per process, the O3 pipeline with both vectorizers, and a disk cache of
-machine code keyed by a hash of everything that determines it (DESIGN.md §5)."""
+machine code keyed by a hash of everything that determines it (docs/architecture.md, §5)."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""The layers of API.md, with PyTorch's arguments (same names, defaults and positional order) and
+"""The layers cnncompile traces, with PyTorch's arguments (same names, defaults and positional order) and
 parameter initialisation.
 
 Every constructor checks its call against its own signature: an argument PyTorch does not have,
