@@ -83,6 +83,10 @@ def cmd_train(args) -> None:
         print(f"resumed {args.resume} at epoch {model.epoch} (step {model.step})")
     else:
         model = compile_spec(spec, args)
+    from cnncompile import distributed
+    if distributed.launched_size() > 1:  # under mpirun: data-parallel over the ranks
+        distributed.distribute(model)
+        print(f"data-parallel over {model.distributed.size} MPI ranks")
     print(f"compiled {args.file} in {time.perf_counter() - started:.2f}s ({model.executable.name} backend)")
     data = load_dataset(spec, args.data)
     train = data["train"]
@@ -299,7 +303,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    with warnings.catch_warnings():
+    from cnncompile import distributed
+    with warnings.catch_warnings(), distributed.launched():  # under mpirun: rank 0 prints, a failure stops all
         warnings.showwarning = show_warning
         try:
             args.run(args)

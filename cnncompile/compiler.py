@@ -74,9 +74,10 @@ def trace(net: Module, input_shape, loss=None, loss_weights=None):
 
 
 def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | None = None, seed: int = 0,
-            dtype="float32", loss_weights=None, input_grad: bool = False):
+            dtype="float32", loss_weights=None, input_grad: bool = False, distributed: str | None = None):
     """Compile ``net`` into a trainer. See API.md for the contract. ``input_grad``: also derive
-    ∂L/∂input, handed out by ``model.input_gradient`` (saliency; checks of the derivation)."""
+    ∂L/∂input, handed out by ``model.input_gradient`` (saliency; checks of the derivation).
+    ``distributed="mpi"``: data-parallel training over the MPI ranks (`cnncompile.distributed`)."""
     from .model import Model
 
     started = time.perf_counter()
@@ -107,6 +108,9 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
     model.seed, model.loss_weights = seed, loss_weights
     model.reset_parameters(seed)
     model.compile_seconds, model.warm_start = time.perf_counter() - started, entry is not None
+    if distributed is not None:
+        from .distributed import distribute
+        distribute(model, distributed)
     return model
 
 

@@ -39,14 +39,31 @@ def fed(prog: Program) -> set[str]:
     return {n for n, s in prog.tensors.items() if s.role in ("input", "label")} | set(prog.noise)
 
 
+def update_reads(prog: Program) -> set[str]:
+    """Working tensors the update stages read: parameter gradients and batch statistics (the
+    ``update`` phase is fed them; ``grads`` hands the statistics out for it)."""
+    from .loops import stage_tensors
+
+    return {n for s in prog.update for n in stage_tensors(s)
+            if n != s.out and prog.tensors[n].role not in PERSISTENT}
+
+
+def handed_in(prog: Program, phase: str) -> set[str]:
+    """Tensors written from outside before ``phase`` runs."""
+    return fed(prog) | (update_reads(prog) if phase == "update" else set())
+
+
 def results(prog: Program, phase: str) -> set[str]:
     """Tensors read from outside after ``phase``: outputs and losses; parameter gradients after
-    the phases that hand them out (in ``train`` the update consumes them inside the phase)."""
+    the phases that hand them out (in ``train`` the update consumes them inside the phase), and
+    after ``grads`` the batch statistics an ``update`` phase reads."""
     from .autodiff import grad_name
 
     names = {n for n, s in prog.tensors.items() if s.role == "loss"} | set(prog.outputs)
     if phase.startswith("grads"):
         names |= {grad_name(p) for p in prog.params + prog.grad_inputs}
+    if phase == "grads":
+        names |= update_reads(prog)
     return names
 
 
@@ -56,9 +73,9 @@ def lifetimes(prog: Program, steps: dict | None = None) -> dict[str, list[tuple[
     step (fused stages share one, so memory freed inside a fused group is not reused before the
     group's barrier); by default every stage is its own step."""
     spans: dict[str, list[tuple[int, int]]] = {}
-    inputs = fed(prog)
     base = 0
     for phase in PHASES:
+        inputs = handed_in(prog, phase)
         stages = prog.phase_stages(phase)
         numbers = steps[phase] if steps else range(len(stages))
         local: dict[str, tuple[int, int]] = {}

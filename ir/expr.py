@@ -157,4 +157,7 @@ PHASES = {
     "grads": (("forward", "loss", "backward"), "train"),
     "grads_eval": (("forward", "loss", "backward"), "eval"),
     "train": (("forward", "loss", "backward", "update"), "train"),
+    # the train step's update stages alone, fed the gradients (and batch statistics) that a
+    # ``grads`` phase handed out: data-parallel training reduces them between the two
+    "update": (("update",), "train"),
 }
