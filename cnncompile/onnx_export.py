@@ -46,14 +46,14 @@ class Writer:
 
     def const(self, base: str, value, dtype=np.float32) -> str:
         name = self.fresh(base)
-        self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
+        self.initializers.append((name, np.asarray(value, dtype)))
         return name
 
     def param(self, tensor: str) -> str:
         """A parameter or buffer of the model, stored once under its state_dict name."""
         if tensor not in self.names:
             self.names.add(tensor)
-            self.initializers.append(self.onnx.numpy_helper.from_array(self.state[tensor], tensor))
+            self.initializers.append((tensor, self.state[tensor]))
         return tensor
 
     def node(self, op_type: str, inputs, output: str | None, name: str, **attrs) -> str:
@@ -335,12 +335,27 @@ def build(model, opset: int = DEFAULT_OPSET):
         w.node("Identity", [tensor.name], name, "output")
         outputs.append(value_info(onnx, name, tensor.shape))
     (x,) = [t for t in w.graph.inputs if w.graph.tensors[t].role == "input"]
-    graph = onnx.helper.make_graph(w.nodes, "cnncompile", [value_info(onnx, x, w.graph.shape(x))], outputs,
-                                   w.initializers)
-    proto = onnx.helper.make_model(graph, producer_name="cnncompile",
-                                   opset_imports=[onnx.helper.make_opsetid("", opset)])
+    inputs = [value_info(onnx, x, w.graph.shape(x))]
+    # checked without the weights (declared as inputs): serializing them for the checker costs seconds
+    weights = [onnx.helper.make_tensor_value_info(name, tensor_type(onnx, a), a.shape) for name, a in w.initializers]
+    onnx.checker.check_model(make_model(onnx, w, inputs + weights, outputs, opset))
+    proto = make_model(onnx, w, inputs, outputs, opset)
+    for name, array in w.initializers:
+        t = proto.graph.initializer.add()
+        t.name, t.data_type = name, tensor_type(onnx, array)
+        t.dims.extend(array.shape)
+        t.raw_data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+    return proto
+
+
+def tensor_type(onnx, array) -> int:
+    return onnx.TensorProto.INT64 if array.dtype == np.int64 else onnx.TensorProto.FLOAT
+
+
+def make_model(onnx, w: Writer, inputs, outputs, opset: int):
+    graph = onnx.helper.make_graph(w.nodes, "cnncompile", inputs, outputs)
+    proto = onnx.helper.make_model(graph, producer_name="cnncompile", opset_imports=[onnx.helper.make_opsetid("", opset)])
     proto.ir_version = min(proto.ir_version, 9)  # readable by onnxruntime releases of the last two years
-    onnx.checker.check_model(proto)
     return proto
 
 

@@ -326,6 +326,16 @@ def window_count(n, k, s, d, before, after, ceil_mode) -> int:
     return out
 
 
+def static_padding(a: dict):
+    """The padding as known before the input size (symmetric explicit pads), for the layer's repr;
+    the trace sets the padding that applies."""
+    pads = list(a.get("pads", [0, 0, 0, 0]))
+    auto = a.get("auto_pad", b"NOTSET")
+    if auto in (b"NOTSET", "NOTSET") and pads[:2] == pads[2:]:
+        return tuple(pads[:2])
+    return 0
+
+
 def conv_padding(pads, size, kernel, stride, dilation):
     """cnncompile's Conv2d padding computing the same windows as ONNX's (before, after) pads, or None."""
     if all(b == a for b, a in pads):
@@ -385,7 +395,8 @@ def conv(imp: Importer, node, a):
     if len(node.input) > 2 and node.input[2]:
         params["bias"], values["bias"] = node.input[2], imp.constant(node, 2, "bias")
     layer = imp.add_layer(node, nn.Conv2d(w.shape[1] * group, w.shape[0], kernel, stride=stride, dilation=dilation,
-                                          groups=group, bias="bias" in params), params, values)
+                                          groups=group, bias="bias" in params, padding=static_padding(a)), params,
+                          values)
 
     def resolve(x, node):
         size = spatial(x, node)
@@ -457,7 +468,7 @@ def batchnorm(imp: Importer, node, a):
     params = {local: node.input[k + 1] for k, local in enumerate(locals_)}
     values = {local: imp.constant(node, k + 1, local) for k, local in enumerate(locals_)}
     momentum = 1.0 - float(a.get("momentum", 0.9))  # ONNX weighs the running value, PyTorch the batch's
-    layer = imp.add_layer(node, nn.BatchNorm2d(values["weight"].shape[0], eps=float(a.get("epsilon", 1e-5)),
+    layer = imp.add_layer(node, nn.BatchNorm2d(values["weight"].shape[0], eps=float(str(np.float32(a.get("epsilon", 1e-5)))),
                                                momentum=round(momentum, 6)), params, values)
     return layer_step(layer)
 
@@ -476,6 +487,7 @@ def pool(imp: Importer, node, a):
         layer = nn.MaxPool2d(kernel, stride=stride, dilation=dilation)
     else:
         layer = nn.AvgPool2d(kernel, stride=stride, count_include_pad=include_pad)
+    layer.padding = static_padding(a)
     imp.add_layer(node, layer)
 
     def resolve(x, node):
