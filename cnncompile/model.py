@@ -37,7 +37,6 @@ class Model:
         self.nan_guard = False  # stop at the first non-finite loss or value, naming the stage
         self.epoch = 0  # epochs completed by fit (a loaded checkpoint continues from here)
         self.callbacks, self.history, self.stop_training = [], {}, False
-        self.distributed = None  # data-parallel over MPI: a `cnncompile.distributed.Reducer`
 
     # ----- parameters -------------------------------------------------------------------------
     @property
@@ -135,12 +134,9 @@ class Model:
             feeds[name] = fn.prepare_target(target, len(x), pred.shape, self.dtype, what)
         return x, feeds
 
-    def noise(self, batch: int, draw: int | None = None, rows: tuple | None = None) -> dict:
+    def noise(self, batch: int, draw: int | None = None) -> dict:
         """Dropout masks for one training batch: 0 or 1/(1−p), drawn from (seed, draw number),
-        so a run is reproducible and a resumed run draws what the uninterrupted one would.
-        ``rows=(first, total)``: the masks of rows first.. of a global batch of ``total`` (a
-        rank's share: the same masks whatever the number of ranks)."""
-        first, total = rows if rows is not None else (0, batch)
+        so a run is reproducible and a resumed run draws what the uninterrupted one would."""
         if draw is None:
             draw, self.noise_draws = self.noise_draws, self.noise_draws + 1
         if not self.prog.noise:
@@ -148,8 +144,8 @@ class Model:
         rng = np.random.default_rng([self.noise_seed, draw])
         masks = {}
         for name, p in self.prog.noise.items():
-            shape = (total, *self.prog.tensors[name].shape[1:])
-            keep = rng.random(shape, dtype=np.float32)[first:first + batch] >= p
+            shape = (batch, *self.prog.tensors[name].shape[1:])
+            keep = rng.random(shape, dtype=np.float32) >= p
             masks[name] = keep.astype(self.dtype) * (self.dtype.type(1.0 / (1.0 - p)) if p < 1 else 0)
         return masks
 
@@ -174,8 +170,6 @@ class Model:
     def _train_step(self, x, y):
         """The loss and each head's output (before the update, copies), for fit's running metrics."""
         self.require_optimizer("train_step")
-        if self.distributed is not None:  # every rank holds the global batch and trains on its rows
-            return self.distributed.global_step(self, x, y)
         x, feeds = self._feeds(x, y)
         with self.executable.lock:  # (the step counter and dropout draws too)
             phase = self._mode_phase("train", True, feeds, len(x))
@@ -183,6 +177,7 @@ class Model:
             saved = {n: a.copy() for n, a in self.executable.state.items()} if self.nan_guard else None
             env = self.executable.run(phase, len(x), feeds, scalars)
             loss = float(env[self.prog.loss_name][0])
+            self.last_head_losses = self.head_losses(env)  # for fit's per-head history
             outputs = [env[t.name].copy() for _, t in self.heads]
             if saved is not None and not (np.isfinite(loss) and all(np.isfinite(a).all() for a in
                                                                       self.executable.state.values())):
@@ -216,6 +211,15 @@ class Model:
                                  f"The parameters are left as they were before this step; lower the learning "
                                  f"rate or check the data")
 
+    def head_losses(self, env) -> dict:
+        """Each head's own loss (``cls_loss``, ``box_loss``; ``head0_loss`` for a tuple) read from a
+        phase's results, on a network of several heads; {} for one head."""
+        if len(self.heads) < 2:
+            return {}
+        outputs = {n.name: n.output for n in self.tracer.graph.ops}
+        return {(f"{key}_loss" if isinstance(key, str) else f"head{key}_loss"): float(env[outputs[f"loss.{key}"]][0])
+                for key, _ in self.heads}
+
     def classification_head(self):
         """Index of the first head trained with cross-entropy (for accuracy), or None."""
         from .compiler import per_head
@@ -232,14 +236,12 @@ class Model:
     def evaluate(self, x, y, batch_size: int = 256) -> dict:
         """Loss and (for a classifier) accuracy in eval mode, in chunks of ``batch_size``."""
         from cnncompile.data.synthetic import take
-        if self.distributed is not None:  # each rank evaluates its rows, the sums are added up
-            return self.distributed.evaluate(self, x, y, batch_size)
         batch_size = validate.batch_size(batch_size, "evaluate")
         x = validate.as_batch(x, self.input_shape, self.dtype)
         y = validate.targets(y, self.heads)
         validate.same_rows(x, y, self.heads, "evaluate")
         head = self.classification_head()
-        total, correct = 0.0, 0
+        total, correct, heads = 0.0, 0, {}
         for start in range(0, len(x), batch_size):
             idx = slice(start, start + batch_size)
             xb, feeds = self._feeds(x[idx], take(y, idx))
@@ -247,10 +249,12 @@ class Model:
                 env = self.executable.run("loss_eval", len(xb), feeds)
                 loss = float(env[self.prog.loss_name][0])
                 out = None if head is None else env[self.heads[head][1].name].copy()
+                for k, v in self.head_losses(env).items():
+                    heads[k] = heads.get(k, 0.0) + v * len(xb)
             total += loss * len(xb)
             if out is not None:
                 correct += int((out.argmax(1) == self.head_target(take(y, idx), head)).sum())
-        metrics = {"loss": total / len(x)}
+        metrics = {"loss": total / len(x)} | {k: v / len(x) for k, v in heads.items()}
         if head is not None:
             metrics["accuracy"] = correct / len(x)
         return metrics
@@ -336,11 +340,8 @@ class Model:
                    nan_guard=nan_guard)
 
     def save(self, path) -> None:
-        """Checkpoint: weights, optimizer and schedule state, epoch, RNG counters, the network.
-        Distributed, rank 0 alone writes (every rank holds the same state)."""
+        """Checkpoint: weights, optimizer and schedule state, epoch, RNG counters, the network."""
         from .checkpoint import save
-        if self.distributed is not None and self.distributed.rank != 0:
-            return
         save(self, path)
 
     def summary(self) -> str:

@@ -225,3 +225,37 @@ def test_cli_show_writes_pictures(tmp_path):
     main(["show", str(EXAMPLES / "lenet5.py"), "--backend", "numpy", "--filters", str(tmp_path / "f.png"),
           "--graph", str(tmp_path / "g.png")])
     assert (tmp_path / "f.png").exists() and (tmp_path / "g.png").exists()
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten())
+        self.cls = nn.Linear(72, 3)
+        self.box = nn.Linear(72, 4)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return {"cls": self.cls(h), "box": self.box(h)}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+def test_fit_logs_every_heads_loss_and_the_curves_draw_them(backend, tmp_path):
+    model = cc.compile(TwoHeads(), (1, 8, 8), loss={"cls": nn.CrossEntropyLoss(), "box": nn.MSELoss()},
+                       loss_weights={"cls": 1.0, "box": 10.0}, optimizer=cc.optim.SGD(lr=0.05), backend=backend)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((24, 1, 8, 8)).astype(np.float32)
+    y = {"cls": rng.integers(0, 3, 24), "box": rng.uniform(0, 1, (24, 4)).astype(np.float32)}
+    history = model.fit((x, y), epochs=2, batch_size=8, validation=(x, y), verbose=False)
+    for key in ("cls_loss", "box_loss", "val_cls_loss", "val_box_loss"):
+        assert len(history[key]) == 2, key
+    for prefix in ("", "val_"):  # the total is the weighted sum of the heads' losses
+        np.testing.assert_allclose(history[prefix + "loss"], np.add(history[prefix + "cls_loss"],
+                                                                    10 * np.array(history[prefix + "box_loss"])),
+                                   rtol=1e-5)
+    metrics = model.evaluate(x, y)
+    assert metrics["cls_loss"] == pytest.approx(history["val_cls_loss"][-1], rel=1e-6)  # nothing trained since
+    assert metrics["loss"] == pytest.approx(metrics["cls_loss"] + 10 * metrics["box_loss"], rel=1e-5)
+    assert show.curve_panels(history) == ["loss", "cls_loss", "box_loss", "accuracy"]
+    show.save_curves(history, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
