@@ -37,6 +37,7 @@ class Model:
         self.nan_guard = False  # stop at the first non-finite loss or value, naming the stage
         self.epoch = 0  # epochs completed by fit (a loaded checkpoint continues from here)
         self.callbacks, self.history, self.stop_training = [], {}, False
+        self.distributed = None  # data-parallel over MPI: a `cnncompile.distributed.Reducer`
 
     # ----- parameters -------------------------------------------------------------------------
     @property
@@ -134,9 +135,12 @@ class Model:
             feeds[name] = fn.prepare_target(target, len(x), pred.shape, self.dtype, what)
         return x, feeds
 
-    def noise(self, batch: int, draw: int | None = None) -> dict:
+    def noise(self, batch: int, draw: int | None = None, rows: tuple | None = None) -> dict:
         """Dropout masks for one training batch: 0 or 1/(1−p), drawn from (seed, draw number),
-        so a run is reproducible and a resumed run draws what the uninterrupted one would."""
+        so a run is reproducible and a resumed run draws what the uninterrupted one would.
+        ``rows=(first, total)``: the masks of rows first.. of a global batch of ``total`` (a
+        rank's share: the same masks whatever the number of ranks)."""
+        first, total = rows if rows is not None else (0, batch)
         if draw is None:
             draw, self.noise_draws = self.noise_draws, self.noise_draws + 1
         if not self.prog.noise:
@@ -144,8 +148,8 @@ class Model:
         rng = np.random.default_rng([self.noise_seed, draw])
         masks = {}
         for name, p in self.prog.noise.items():
-            shape = (batch, *self.prog.tensors[name].shape[1:])
-            keep = rng.random(shape, dtype=np.float32) >= p
+            shape = (total, *self.prog.tensors[name].shape[1:])
+            keep = rng.random(shape, dtype=np.float32)[first:first + batch] >= p
             masks[name] = keep.astype(self.dtype) * (self.dtype.type(1.0 / (1.0 - p)) if p < 1 else 0)
         return masks
 
@@ -170,6 +174,8 @@ class Model:
     def _train_step(self, x, y):
         """The loss and each head's output (before the update, copies), for fit's running metrics."""
         self.require_optimizer("train_step")
+        if self.distributed is not None:  # every rank holds the global batch and trains on its rows
+            return self.distributed.global_step(self, x, y)
         x, feeds = self._feeds(x, y)
         with self.executable.lock:  # (the step counter and dropout draws too)
             phase = self._mode_phase("train", True, feeds, len(x))
@@ -236,6 +242,8 @@ class Model:
     def evaluate(self, x, y, batch_size: int = 256) -> dict:
         """Loss and (for a classifier) accuracy in eval mode, in chunks of ``batch_size``."""
         from cnncompile.data.synthetic import take
+        if self.distributed is not None:  # each rank evaluates its rows, the sums are added up
+            return self.distributed.evaluate(self, x, y, batch_size)
         batch_size = validate.batch_size(batch_size, "evaluate")
         x = validate.as_batch(x, self.input_shape, self.dtype)
         y = validate.targets(y, self.heads)
@@ -340,8 +348,11 @@ class Model:
                    nan_guard=nan_guard)
 
     def save(self, path) -> None:
-        """Checkpoint: weights, optimizer and schedule state, epoch, RNG counters, the network."""
+        """Checkpoint: weights, optimizer and schedule state, epoch, RNG counters, the network.
+        Distributed, rank 0 alone writes (every rank holds the same state)."""
         from .checkpoint import save
+        if self.distributed is not None and self.distributed.rank != 0:
+            return
         save(self, path)
 
     def summary(self) -> str:

@@ -17,11 +17,16 @@ from cnncompile.data.synthetic import take
 from . import validate
 
 
+def batch_rows(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True):
+    """Each batch's example indices, shuffled from ``(seed, epoch)``, so an epoch's order can be
+    reproduced after a restart."""
+    order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]
+
+
 def batches(x, y, batch_size: int, seed: int, epoch: int, shuffle: bool = True):
-    """Shuffled from ``(seed, epoch)``, so an epoch's order can be reproduced after a restart."""
-    order = np.random.default_rng((seed, epoch)).permutation(len(x)) if shuffle else np.arange(len(x))
-    for start in range(0, len(x), batch_size):
-        idx = order[start:start + batch_size]
+    for idx in batch_rows(len(x), batch_size, seed, epoch, shuffle):
         yield x[idx], take(y, idx)
 
 
@@ -78,6 +83,8 @@ def fit(model, train, epochs: int = 1, batch_size: int = 64, validation=None, ca
     if nan_guard is not None:
         model.nan_guard = nan_guard
     callbacks = sorted(callbacks or (), key=lambda cb: type(cb).__name__ == "ModelCheckpoint")
+    if model.distributed is not None:  # rank 0 alone prints and writes files
+        callbacks, verbose = model.distributed.callbacks(callbacks), verbose and model.distributed.rank == 0
     model.callbacks, model.stop_training = callbacks, False
     pending = getattr(model, "pending_callback_states", None) or []
     for cb, (name, state) in zip(callbacks, pending):  # a resumed schedule continues where it stopped
@@ -127,17 +134,23 @@ def run_epoch(model, x, y, batch_size, seed, epoch, epochs, augment, progress, v
     started, total, correct, heads = time.perf_counter(), 0.0, 0, {}
     lr = model.optimizer.lr
     head = model.classification_head()
-    for k, (xb, yb) in enumerate(batches(x, y, batch_size, seed, epoch)):
+    dist = model.distributed  # data-parallel: this rank reads and trains on its rows of each batch
+    for k, idx in enumerate(batch_rows(len(x), batch_size, seed, epoch)):
+        n, idx = len(idx), idx[dist.rows(len(idx))] if dist else idx
+        xb, yb = x[idx], take(y, idx)
         if augment is not None:
-            xb, yb = augment(xb, yb, np.random.default_rng((seed, epoch, k, 1)))
-        loss, outputs = model._train_step(xb, yb)
-        total += loss * len(xb)
-        for key, value in model.last_head_losses.items():  # several heads: each one's loss
-            heads[key] = heads.get(key, 0.0) + value * len(xb)
-        if head is not None:
+            rng = np.random.default_rng((seed, epoch, k, 1))
+            xb, yb = dist.augment(augment, xb, yb, rng, n) if dist else augment(xb, yb, rng)
+        loss, outputs = dist.step(model, xb, yb, n) if dist else model._train_step(xb, yb)
+        total += loss * n
+        for key, value in ({} if dist else model.last_head_losses).items():  # several heads: each one's loss
+            heads[key] = heads.get(key, 0.0) + value * n
+        if head is not None and len(xb):
             correct += int((outputs[head].argmax(1) == model.head_target(yb, head)).sum())
         if progress:
-            progress.update(len(xb), loss)
+            progress.update(n, loss)
+    if dist:
+        correct = int(dist.group.total(correct)[0])
     seconds = time.perf_counter() - started
     logs = {"epoch": epoch, "loss": total / len(x)} | {k: v / len(x) for k, v in heads.items()}
     if head is not None:
