@@ -479,10 +479,10 @@ def decorate(line: str, stage: Stage, names: Names, p, dropped: list) -> str:
 
 # ----- layers ----------------------------------------------------------------------------------------
 
-def explain_layer(model, layer: str, latex: bool = False, notation: str = "code") -> list[tuple[str, list]]:
+def explain_layer(model, layer: str, latex: bool = False, notation: str = "code", prog=None) -> list[tuple[str, list]]:
     """The layer's sections: (heading, items), each item a formula or a (text, formula) pair."""
     node = find_node(model, layer)
-    prog = model.prog
+    prog = prog if prog is not None else model.prog
     names = Names(layer, node, prog, latex, notation)
     fwd = [s for s in prog.forward + prog.loss if s.layer == layer]
     bwd = [s for s in prog.backward if s.layer == layer]
@@ -536,20 +536,20 @@ def display_only(prog, stage: Stage, shown: set) -> list[Stage]:
     return out
 
 
-def layer_text(model, layer: str, notation: str) -> str:
+def layer_text(model, layer: str, notation: str, prog=None) -> str:
     node = find_node(model, layer)
     lines = []
-    for k, (heading, items) in enumerate(explain_layer(model, layer, False, notation)):
+    for k, (heading, items) in enumerate(explain_layer(model, layer, False, notation, prog)):
         lines.append(f"layer '{layer}' ({node.type}), {heading}:" if k == 0 else f"{heading}:")
         for item in items:
             lines.append(f"  {item[0]}\n    {item[1]}" if isinstance(item, tuple) else f"  {item}")
     return "\n".join(lines)
 
 
-def layer_latex(model, layer: str, notation: str) -> str:
+def layer_latex(model, layer: str, notation: str, prog=None) -> str:
     node = find_node(model, layer)
     lines = [f"\\subsection*{{Layer \\texttt{{{escape(layer)}}} ({escape(node.type)})}}"]
-    for heading, items in explain_layer(model, layer, True, notation):
+    for heading, items in explain_layer(model, layer, True, notation, prog):
         lines.append(f"\\paragraph{{{escape(heading[0].upper() + heading[1:])}.}}")
         for item in items:
             if isinstance(item, tuple):
@@ -570,11 +570,11 @@ LATEX_HEAD = r"""\documentclass[10pt]{article}
 """
 
 
-def latex_document(model, layers: list[str], notation: str) -> str:
+def latex_document(model, layers: list[str], notation: str, prog=None) -> str:
     title = "Forward and derived backward formulas" + (" (lecture notation)" if notation == "lecture" else "")
     intro = ("Per example: the batch index and the sums over the batch are left out."
              if notation == "lecture" else "As the compiled code runs them, on a batch of $B$ examples.")
-    body = "\n\n".join(layer_latex(model, name, notation) for name in layers)
+    body = "\n\n".join(layer_latex(model, name, notation, prog) for name in layers)
     return LATEX_HEAD % (title, intro) + body + "\n\\end{document}\n"
 
 
@@ -582,9 +582,13 @@ def explain(model, layer=None, latex: bool = False, notation: str = "code") -> s
     if notation not in NOTATIONS:
         raise CompileError(f"explain: notation must be one of {NOTATIONS}, got {notation!r}")
     layers = [layer] if layer is not None else [n.name for n in model.tracer.graph.ops]
+    prog = None
+    if layer is not None and hasattr(model, "layer_program"):  # (a derivation: only this layer's gradients)
+        find_node(model, layer)
+        prog = model.layer_program(layer)
     if latex:
-        return latex_document(model, layers, notation)
-    return "\n\n".join(layer_text(model, name, notation) for name in layers)
+        return latex_document(model, layers, notation, prog)
+    return "\n\n".join(layer_text(model, name, notation, prog) for name in layers)
 
 
 def stage_for(prog, wrt_tensor: str, layer: str) -> Stage:

@@ -36,9 +36,11 @@ def requires_grad(stages: list[Stage], sources: set[str]) -> set[str]:
     return need
 
 
-def derive(prog: Program, wrt: list[str], mode: str = "train") -> list[Stage]:
+def derive(prog: Program, wrt: list[str], mode: str = "train", read_rule=None) -> list[Stage]:
     """The backward stages of ``prog.forward + prog.loss`` (as run in ``mode``) for the gradients
-    of ``wrt``; each carries the mode it was derived for."""
+    of ``wrt``; each carries the mode it was derived for. ``read_rule`` (default `derive_read`):
+    what a read's transposition gives (`explain` of one layer transposes only that layer's)."""
+    read_rule = read_rule or derive_read
     stages = [s for s in prog.forward + prog.loss if s.mode in ("any", mode)]
     need = requires_grad(stages, set(wrt))
     seed = Stage(out=grad_name(prog.loss_name), out_index=(Affine.constant(0),), domain=(),
@@ -54,7 +56,7 @@ def derive(prog: Program, wrt: list[str], mode: str = "train") -> list[Stage]:
             tensor = tensor_of(r)
             if tensor not in need:
                 continue
-            for g in derive_read(stage, r, tensor in have, prog.tensors[tensor].shape):
+            for g in read_rule(stage, r, tensor in have, prog.tensors[tensor].shape):
                 out.append(g.with_(mode=mode) if prog.has_modes else g)
                 have.add(tensor)
     return out

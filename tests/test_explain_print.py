@@ -60,6 +60,35 @@ def test_summary_never_derives(no_executable, monkeypatch):
     assert "total: 11,920 parameters" in text  # 6·25 + 1176·10 + 10
 
 
+class Joined(nn.Module):
+    """A residual add (a tensor read twice: its gradient accumulates), batch norm (train and eval
+    gradients), a concatenation, max pooling, dropout and a dense layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
+        self.pool, self.drop, self.fc = nn.MaxPool2d(2), nn.Dropout(0.5), nn.Linear(8 * 3 * 3, 3)
+
+    def forward(self, x):
+        y = nn.functional.relu(self.bn(self.conv(x)))
+        y = y + self.conv2(y)
+        return self.fc(self.drop(self.pool(cc.cat([y, self.conv2(y)]))).flatten(1))
+
+
+def test_one_layers_derivation_prints_what_the_whole_derivation_prints():
+    args = (Joined(), (1, 6, 6), nn.CrossEntropyLoss(), cc.optim.SGD(lr=0.1, momentum=0.9))
+    whole = derivation(*args)
+    whole.prog  # derived in full: explain then reads this program
+    layers = [n.name for n in whole.tracer.graph.ops]
+    assert len(layers) >= 9
+    for layer in layers:
+        one = derivation(*args)
+        assert one.explain(layer) == whole.explain(layer), layer
+        assert one._prog is None  # only the layer's gradients were derived
+    # (y is read by the residual add and twice by conv2: its later gradients accumulate)
+    assert [layer for layer in layers if layer != "bn" and " += " in whole.explain(layer)]
+
+
 # ----- explain reads like the lecture ----------------------------------------------------------------------
 
 def test_relu_prints_as_max_and_its_derivative_as_the_indicator():
