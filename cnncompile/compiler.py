@@ -75,7 +75,7 @@ def trace(net: Module, input_shape, loss=None, loss_weights=None):
 
 def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | None = None, seed: int = 0,
             dtype="float32", loss_weights=None, input_grad: bool = False, distributed: str | None = None):
-    """Compile ``net`` into a trainer. See API.md for the contract. ``input_grad``: also derive
+    """Compile ``net`` into a trainer (docs/architecture.md, §1). ``input_grad``: also derive
     ∂L/∂input, handed out by ``model.input_gradient`` (saliency; checks of the derivation).
     ``distributed="mpi"``: data-parallel training over the MPI ranks (`cnncompile.distributed`)."""
     from .model import Model
