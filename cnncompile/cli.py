@@ -193,31 +193,36 @@ def cmd_export(args) -> None:
 
 
 def cmd_show(args) -> None:
-    """Pictures of a (trained) network: load --checkpoint for trained weights and its history."""
+    """Pictures of a (trained) network: load --checkpoint for trained weights and its history.
+    The graph alone needs only the trace, so it compiles no machine code."""
     from . import show
     spec = load_spec(args.file)
-    model = load_checkpoint(args.checkpoint, spec, args) if args.checkpoint else compile_spec(spec, args)
+    if not (args.filters or args.curves or args.patches or args.graph):
+        raise SystemExit("cnncompile show: choose at least one of --filters, --curves, --patches, --graph (PNG paths)")
+    if args.curves and not args.checkpoint:
+        raise SystemExit("cnncompile show --curves needs a trained network's history: pass --checkpoint P "
+                         "written by `cnncompile train FILE --checkpoint P`")
+    if args.patches and not args.layer:
+        raise SystemExit("cnncompile show --patches needs --layer NAME (and --channel K)")
+    model = load_checkpoint(args.checkpoint, spec, args) if args.checkpoint else \
+        compile_spec(spec, args) if args.filters or args.patches else derive_spec(spec, args)
     written = []
     if args.filters:
         show.save_filters(model, args.filters, args.layer if args.layer and not args.patches else None)
         written.append(args.filters)
     if args.curves:
-        if not model.history.get("epoch"):
-            raise SystemExit("cnncompile show --curves needs a trained network's history: pass --checkpoint P "
-                             "written by `cnncompile train FILE --checkpoint P`")
         show.save_curves(model.history, args.curves)
         written.append(args.curves)
     if args.patches:
-        if not args.layer:
-            raise SystemExit("cnncompile show --patches needs --layer NAME (and --channel K)")
         images = load_dataset(spec, args.data)["test"][0][: args.images]
         show.save_patches(model, args.patches, args.layer, args.channel, images)
         written.append(args.patches)
     if args.graph:
-        model.graph(args.graph)
+        if str(args.graph).endswith(".png"):
+            show.save_graph(model, args.graph)
+        else:
+            Path(args.graph).write_text(show.graph_dot(model))
         written.append(args.graph)
-    if not written:
-        raise SystemExit("cnncompile show: choose at least one of --filters, --curves, --patches, --graph (PNG paths)")
     print("wrote " + ", ".join(written))
 
 

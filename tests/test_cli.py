@@ -3,6 +3,7 @@ several heads, and --epochs meaning what fit(epochs=N) means."""
 import argparse
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +167,26 @@ def test_resume_without_epochs_finishes_the_files_epochs(capsys, tmp_path, tiny)
     assert run(["train", tiny, "--backend", "numpy", "--epochs", "1", "--checkpoint", ckpt], capsys)[0] == 0
     code, out, err = run(["train", tiny, "--backend", "numpy", "--resume", ckpt], capsys)
     assert code == 0 and "after 2 epochs" in out, err  # the file says epochs = 2
+
+
+def test_bench_runs_the_bbox_example(capsys):
+    path = str(Path(__file__).resolve().parent.parent / "examples" / "bbox.py")
+    code, out, err = run(["bench", path, "--backend", "numpy", "--batch-size", "2", "--steps", "1", "--rounds", "1"],
+                         capsys)
+    assert code == 0 and "batch 2: train step" in out, err
+
+
+def test_show_graph_compiles_no_machine_code(capsys, tmp_path, tiny, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("show --graph compiled the network")
+    monkeypatch.setattr(cli, "compile_spec", refuse)
+    code, out, err = run(["show", tiny, "--graph", str(tmp_path / "g.dot")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "g.dot").read_text().startswith("digraph") and out.startswith("wrote ")
+
+
+def test_show_curves_without_a_checkpoint_says_how_to_get_one(capsys, tiny, tmp_path):
+    code, _, err = run(["show", tiny, "--curves", str(tmp_path / "c.png")], capsys)
+    assert code != 0 and err.strip().splitlines() == [
+        "cnncompile show --curves needs a trained network's history: pass --checkpoint P written by "
+        "`cnncompile train FILE --checkpoint P`"]
