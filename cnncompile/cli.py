@@ -1,4 +1,4 @@
-"""cnncompile train|explain|summary|emit|bench|show FILE.py
+"""cnncompile COMMAND FILE.py: compile, train, explain, time and picture a network file.
 
 A network file defines ``net`` and may define ``input_shape``, ``loss``, ``loss_weights``,
 ``optimizer``, ``dataset`` ("mnist", "cifar10", or a function returning {"train", "val",
@@ -242,7 +242,8 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="cnncompile", description=__doc__,
+    top = argparse.ArgumentParser(prog="cnncompile", description=__doc__.replace("``", "`"),
+                                  epilog="`cnncompile COMMAND --help` lists a command's options.",
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -316,6 +317,9 @@ def main(argv=None) -> None:
         except USER_ERRORS as exc:
             print(f"cnncompile: {one_line(exc)}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("cnncompile: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -190,3 +190,10 @@ def test_show_curves_without_a_checkpoint_says_how_to_get_one(capsys, tiny, tmp_
     assert code != 0 and err.strip().splitlines() == [
         "cnncompile show --curves needs a trained network's history: pass --checkpoint P written by "
         "`cnncompile train FILE --checkpoint P`"]
+
+
+def test_an_interrupt_is_one_line(capsys, tmp_path):
+    path = network_file(tmp_path, TINY.replace("    rng = np.random.default_rng(0)\n", "    raise KeyboardInterrupt\n"),
+                        PIXELS="x")
+    code, _, err = run(["train", path, "--backend", "numpy"], capsys)
+    assert code == 130 and err.strip().splitlines() == ["cnncompile: interrupted"]
