@@ -55,9 +55,8 @@ class Derivation:
         prints): the derivation walks every stage as `derive` does, but transposes only that
         layer's reads; another layer's read only tells, cheaply, whether it contributes a gradient
         (which decides whether a later gradient is ``=`` or ``+=``). The whole program where one
-        is at hand already."""
-        if self._prog is None:
-            self._prog = self.cached_program()
+        is at hand already (the warm-start store is not looked up: its key needs the LLVM backend
+        imported, which takes longer than this derivation)."""
         if self._prog is not None:
             return self._prog
         prog = self.tracer.graph.lower([t.name for _, t in self.heads], self.loss_name)

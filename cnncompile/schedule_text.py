@@ -75,7 +75,8 @@ def nest_lines(j: int, count: int, nest, templates, lanes: int) -> list[str]:
     head = f"  class {j + 1} of {count}" + (f" ({where})" if where else "")
     if nest.empty:
         return [head + ": no term reaches it; set to zero"]
-    lines = [head + (": initialised to the sum's identity first" if nest.needs_init else ":")]
+    initialised = nest.needs_init and not (nest.terms and all(t.fresh for t in templates))  # (as codegen.init_nest)
+    lines = [head + (": initialised to the sum's identity first" if initialised else ":")]
     for t, tpl in enumerate(templates):
         term = f" term {t + 1} of {len(templates)}:" if len(templates) > 1 else ""
         lines.append(f"   {term} template {tpl.kind} ({TEMPLATES.get(tpl.kind, '')})")
