@@ -307,6 +307,40 @@ class SmallResidual(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.pool(h), 1).flatten(1))
 
 
+def torchvision_models():
+    """torchvision's model definitions without its package initializer (its compiled operators do not
+    load against this CPU build of torch; the definitions are plain Python)."""
+    import importlib.util
+    import sys
+    import types
+    if "torchvision" not in sys.modules:
+        spec = importlib.util.find_spec("torchvision")
+        if spec is None:
+            pytest.fail("torchvision is not installed (pip install -e '.[test]')")
+        package = types.ModuleType("torchvision")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["torchvision"] = package
+    import torchvision.models
+    return torchvision.models
+
+
+@pytest.mark.parametrize("name", ["squeezenet1_1", pytest.param("resnet18", marks=pytest.mark.slow)])
+def test_torchvision_export_imports_and_predicts(name, tmp_path):
+    """torchvision networks (ceil-mode pools and concatenations; residual blocks with batch norm)
+    exported by torch.onnx.export at 64×64 import with their parameter names and predict as onnxruntime."""
+    torch.manual_seed(0)
+    module = getattr(torchvision_models(), name)(num_classes=10)
+    with torch.no_grad():
+        spread_statistics(module)
+    shape = (3, 64, 64)
+    torch_export(module, shape, tmp_path / "tv.onnx")
+    net = cc.from_onnx(tmp_path / "tv.onnx")
+    model = cc.compile(net, input_shape=shape, backend="numpy")
+    assert list(model.state_dict()) == list(module.state_dict())
+    x = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32)
+    assert_close(model.predict(x), run_onnx(tmp_path / "tv.onnx", x)[0])
+
+
 def test_own_export_round_trips(tmp_path):
     """Our export imported again: the same outputs as the original model and onnxruntime, the same
     parameter names, and the same 3 SGD steps (momentum, batch norm in training) as the original."""
