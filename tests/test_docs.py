@@ -46,3 +46,30 @@ def test_architecture_covers_every_folder_and_the_worked_example():
     for heading in ("data flow", "derivation", "loops", "add a layer", "add a scalar function"):
         assert re.search(rf"^## .*{heading}", text, re.M | re.I), heading
     assert "residue class" in text.lower() and "Fourier–Motzkin" in text
+
+
+def doc_block(text: str, marker: str) -> str:
+    """The first fenced block after ``marker``."""
+    start = text.index("```", text.index(marker))
+    body = text.index("\n", start) + 1
+    return text[body:text.index("```", body)]
+
+
+def test_the_worked_example_is_what_the_compiler_prints():
+    import cnncompile as cc
+    from cnncompile.compiler import derivation
+    from cnncompile.ir.residue import residue_classes
+    text = ARCHITECTURE.read_text()
+    spec = {}
+    exec(doc_block(text, "**Worked example"), spec)
+    derived = derivation(spec["net"], input_shape=spec["input_shape"], loss=cc.nn.CrossEntropyLoss())
+    printed = derived.explain("2")
+    shown = doc_block(text, "`cnncompile explain strided.py 2`")
+    for line in shown.splitlines():
+        if line.strip() != "...":
+            assert line in printed.splitlines(), line
+    stage = next(s for s in derived.prog.backward if s.layer == "2" and s.out.startswith("dL/d1"))
+    classes = residue_classes(stage)
+    assert len(classes) == 4  # row and column parity
+    x_t = sorted({dict(c.grid)["x_t"] for c in classes})
+    assert x_t == [1, 2]  # even rows: one kernel row, odd rows: two (the table)
