@@ -341,6 +341,26 @@ def test_torchvision_export_imports_and_predicts(name, tmp_path):
     assert_close(model.predict(x), run_onnx(tmp_path / "tv.onnx", x)[0])
 
 
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name, size", [("squeezenet1_1", 64)] + [
+    pytest.param(n, s, marks=SLOW) for n, s in [("resnet18", 64), ("resnet50", 64), ("mobilenet_v2", 64),
+                                                ("googlenet", 64), ("densenet121", 64), ("alexnet", 224),
+                                                ("vgg11_bn", 224)]])
+def test_export_of_compiled_torchvision_module(name, size, tmp_path):
+    """A torchvision module compiled as it is (the torch.fx frontend) exports, and onnxruntime
+    computes model.predict's outputs."""
+    kw = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    torch.manual_seed(0)
+    module = getattr(torchvision_models(), name)(num_classes=10, **kw).eval()
+    model = cc.compile(module, input_shape=(3, size, size), backend="numpy")
+    randomize_statistics(model, np.random.default_rng(0))
+    model.export_onnx(tmp_path / "m.onnx")
+    x = np.random.default_rng(1).normal(size=(1, 3, size, size)).astype(np.float32)
+    assert_close(run_onnx(tmp_path / "m.onnx", x)[0], model.predict(x))
+
+
 def test_own_export_round_trips(tmp_path):
     """Our export imported again: the same outputs as the original model and onnxruntime, the same
     parameter names, and the same 3 SGD steps (momentum, batch norm in training) as the original."""
