@@ -20,6 +20,7 @@ import sympy
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
+from cnncompile.ir.affine import Affine
 from cnncompile.ir.autodiff import derive_read, grad_name
 from cnncompile.ir.errors import CompileError
 from cnncompile.ir.expr import BATCH, Stage, tensor_of, var_bounds
@@ -54,7 +55,8 @@ def display_names(layer: str, node, prog) -> dict[str, str]:
 
 
 def latex_name(short: str) -> str:
-    """A short name as LaTeX: X1 → X_{1}, Zc → Z_{c}, Z.max → Z_{\\mathrm{max}}, running_mean → \\mathrm{...}."""
+    """A short name as LaTeX: X1 → X_{1}, Zc → Z_{c}, Z.max → Z_{\\mathrm{max}}, running_mean →
+    \\mathrm{running\\_mean}."""
     if short in SPECIAL_LATEX:
         return SPECIAL_LATEX[short]
     if m := re.fullmatch(r"([A-Za-z])(\d+|c)", short):
@@ -95,13 +97,13 @@ class Names:
         self.prog, self.latex, self.notation = prog, latex, notation
         self.short = display_names(layer, node, prog)
         self.lecture = lecture_names(layer, node, prog) if notation == "lecture" else {}
-        self.loss_layer = any(s.layer == layer for s in prog.loss) or batch_statistics(layer, prog)
+        self.keeps_batch = any(s.layer == layer for s in prog.loss) or batch_statistics(layer, prog)
 
     @property
     def per_example(self) -> bool:
         """Lecture notation leaves the batch out, except in layers whose forward sums over it (the
         loss's mean, batch norm's statistics)."""
-        return self.notation == "lecture" and not self.loss_layer
+        return self.notation == "lecture" and not self.keeps_batch
 
     def batched(self, tensor: str) -> bool:
         spec = self.prog.tensors.get(tensor)
@@ -198,7 +200,6 @@ def lecture_names(layer: str, node, prog) -> dict[str, tuple[str, str, bool]]:
 def index_text(e, order: list[str], rename: dict, compact: bool, latex: bool, fallback) -> str:
     """An affine index with its terms in the stage's loop order (x + i, u - x), constant last."""
     try:
-        from cnncompile.ir.affine import Affine
         a = e if isinstance(e, Affine) else Affine.from_sympy(e)
     except (ValueError, TypeError, AttributeError):
         return fallback(e)
@@ -243,9 +244,6 @@ class _Common:
     def _print_Symbol(self, e):
         name = self.rename.get(e.name, e.name)
         return name if name != e.name else super()._print_Symbol(e)
-
-    def indicator(self, cond) -> str | None:
-        return None
 
     def _print_Piecewise(self, e):
         pieces = e.args
@@ -364,14 +362,10 @@ class LatexFormulaPrinter(_Common, LatexPrinter):
 
 
 def printer(names: Names, stage: Stage | None):
-    order, rename = stage_order(stage), element_names(stage) if stage is not None else {}
+    order, rename = (list(stage.variables), element_names(stage)) if stage is not None else ([], {})
     p = LatexFormulaPrinter() if names.latex else UnicodePrinter()
     p.setup(names, order, rename, names.notation == "lecture")
     return p
-
-
-def stage_order(stage: Stage | None) -> list[str]:
-    return list(stage.variables) if stage is not None else []
 
 
 def element_names(stage: Stage) -> dict[str, str]:
@@ -398,7 +392,7 @@ class PlainNames(Names):
     """Code notation from a ready dict of short names (tensors not in it print as they are)."""
 
     def __init__(self, short: dict, latex: bool = False):
-        self.prog, self.latex, self.notation, self.lecture, self.loss_layer = _NoTensors(), latex, "code", {}, False
+        self.prog, self.latex, self.notation, self.lecture, self.keeps_batch = _NoTensors(), latex, "code", {}, False
         self.short = dict(short)
 
 

@@ -17,7 +17,8 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def small_net():
-    return nn.Sequential(nn.Conv2d(1, 6, 5, bias=False), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 14 * 14, 10))
+    return nn.Sequential(nn.Conv2d(1, 6, 5, bias=False), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(6 * 14 * 14, 10))
 
 
 def small():

@@ -246,7 +246,7 @@ class ModuleWriter:
                 else:
                     vector.innermost(vals, row_bounds)
                 return
-            fw.raw(f"; for {v}" + (" (this thread's share)" if k == 0 and split else ""))  # (not part of the body's key)
+            fw.raw(f"; for {v}" + (" (this thread's share)" if k == 0 and split else ""))  # (not in the body's key)
             stepped = getattr(vector, "block", None) or block
             paired = getattr(vector, "pair", None) == v  # the batch, two examples a step (a tiled row's pair)
             if stepped is not None and v == stepped[0]:  # a block's variable: one loop step per block
