@@ -62,7 +62,12 @@ def load_dataset(spec: dict, data_path):
         return dataset()
     if dataset == "mnist":
         from cnncompile.data import load_mnist, pad_images
-        splits = load_mnist(data_path)
+        try:
+            splits = load_mnist(data_path)
+        except FileNotFoundError as exc:
+            if data_path is None:
+                raise
+            raise FileNotFoundError(f"{exc}; --data takes a directory of MNIST IDX files or a mnist.pkl.gz") from None
         size = spec.get("input_shape", (1, 32, 32))[-1]
         return {k: (pad_images(v.images, size) if size != 28 else v.images, v.labels) for k, v in splits.items()}
     if dataset == "cifar10":

@@ -112,7 +112,8 @@ def test_missing_data_is_one_line(capsys, tmp_path):
     path = network_file(tmp_path, TINY.replace("def dataset", "def unused"), "mnist_net.py", PIXELS="x")
     code, _, err = run(["train", path, "--backend", "numpy", "--data", str(tmp_path / "nowhere")], capsys)
     assert code == 2 and "Traceback" not in err
-    assert err.strip().splitlines() == [f"cnncompile: {tmp_path / 'nowhere'}: no such file or directory"]
+    assert err.strip().splitlines() == [f"cnncompile: {tmp_path / 'nowhere'}: no such file or directory; --data takes "
+                                        "a directory of MNIST IDX files or a mnist.pkl.gz"]
 
 
 def test_warnings_are_one_line_without_python_source(capsys, tmp_path):
