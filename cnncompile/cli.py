@@ -15,6 +15,7 @@ import argparse
 import runpy
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -24,10 +25,28 @@ import cnncompile as cc
 from cnncompile import nn
 
 
+class NetworkFileError(ValueError):
+    """The network file itself failed: its own line and error, in one line."""
+
+
+def run_network_file(path: str) -> dict:
+    try:
+        return runpy.run_path(path)
+    except SyntaxError as exc:
+        raise NetworkFileError(f"{path}, line {exc.lineno}: {exc.msg}") from None
+    except Exception as exc:
+        mine = Path(path).resolve()
+        lines = [frame.f_lineno if n is None else n for frame, n in traceback.walk_tb(exc.__traceback__)
+                 if Path(frame.f_code.co_filename).resolve() == mine]
+        where = f"{path}, line {lines[-1]}" if lines else path
+        what = "" if isinstance(exc, cc.CompileError) else f"{type(exc).__name__}: "
+        raise NetworkFileError(f"{where}: {what}{one_line(exc)}") from None
+
+
 def load_spec(path: str) -> dict:
     if not Path(path).is_file():
         raise SystemExit(f"cnncompile: no such network file: {path}")
-    spec = runpy.run_path(path)
+    spec = run_network_file(path)
     if "net" not in spec:
         raise SystemExit(f"cnncompile: {path} must define `net` (an nn.Module)")
     spec["__source__"], spec["__path__"] = Path(path).read_text(), str(Path(path).resolve())

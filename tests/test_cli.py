@@ -198,3 +198,16 @@ def test_an_interrupt_is_one_line(capsys, tmp_path):
                         PIXELS="x")
     code, _, err = run(["train", path, "--backend", "numpy"], capsys)
     assert code == 130 and err.strip().splitlines() == ["cnncompile: interrupted"]
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from cnncompile import nn\n\nnet = nn.Sequential(nn.Conv2d(1, 6, 5), nn.NoSuchLayer(6))\n",
+     "line 3: AttributeError: "),
+    ("from cnncompile import nn\nnet = nn.Sequential(nn.Conv2d(1, 6, 5)\n", "line 2: '(' was never closed"),
+])
+def test_an_error_in_the_network_file_is_one_line_naming_its_line(source, expected, capsys, tmp_path):
+    path = network_file(tmp_path, source, "broken.py")
+    code, _, err = run(["summary", path], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"cnncompile: {path}, {expected}"), lines[0]
