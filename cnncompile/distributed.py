@@ -151,7 +151,6 @@ class Group:
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.timeout = timeout_seconds()
-        self.reduce_seconds = 0.0  # time spent in `sum` (the bench reports its share of a step)
         install_abort_hook()
 
     def rows(self, n: int) -> slice:
@@ -162,19 +161,22 @@ class Group:
         another rank is gone or stuck)."""
         if request.Test():
             return
-        deadline = time.monotonic() + self.timeout
-        while not request.Test():
-            if time.monotonic() > deadline:
+        started = time.monotonic()
+        nap = 0.0
+        while not request.Test():  # each Test also drives the collective's progress
+            waited = time.monotonic() - started
+            if waited > self.timeout:
                 print(f"cnncompile (rank {self.rank}): {what} did not complete in {self.timeout:g}s "
                       f"(CNNCOMPILE_MPI_TIMEOUT); another rank failed or hangs; aborting", file=sys.stderr)
                 abort(3)
-            time.sleep(0)
+            if waited > 50e-6:  # spin briefly, then nap (up to 200 µs) so a waiting rank leaves the core
+                nap = min(max(nap * 2, 10e-6), 200e-6)
+                time.sleep(nap)
 
     def sum(self, values: np.ndarray) -> np.ndarray:
         """The ranks' ``values`` summed elementwise in rank order, on every rank: a reduce-scatter
         (each rank adds up its slice) and an allgather, bitwise the same on every rank and in
         every run."""
-        started = time.perf_counter()
         values = np.ascontiguousarray(values)
         n, size = len(values), self.size
         if size == 1:
@@ -193,7 +195,6 @@ class Group:
         out = np.empty_like(values)
         request = self.comm.Iallgatherv(part, [out, (counts, starts)])
         self.wait(request, "the gradient allgather")
-        self.reduce_seconds += time.perf_counter() - started
         return out
 
     def total(self, *numbers: float) -> list[float]:
@@ -210,6 +211,22 @@ class Group:
     def broadcast(self, array: np.ndarray) -> None:
         request = self.comm.Ibcast(array, root=0)
         self.wait(request, "the broadcast of rank 0's state")
+
+
+class SingleProcess:
+    """A group of one, without MPI: the data-parallel step's split (grads, sum, update) in one
+    process, for tests and for measuring what the split costs against the fused step."""
+
+    rank, size = 0, 1
+
+    def rows(self, n: int) -> slice:
+        return slice(0, n)
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        return np.array(values, copy=True)
+
+    def total(self, *numbers: float) -> list[float]:
+        return [float(v) for v in numbers]
 
 
 # ----- setting a model up ------------------------------------------------------------------------
@@ -248,8 +265,9 @@ def distribute(model, distributed="mpi", comm=None):
 class Reducer:
     """A model's data-parallel step: shard → grads → fixed-order sum → update."""
 
-    def __init__(self, model, group: Group):
+    def __init__(self, model, group):
         self.group, self.rank, self.size = group, group.rank, group.size
+        self.seconds = {"grads": 0.0, "sum": 0.0, "update": 0.0}  # where this rank's steps went
         prog = model.prog
         self.grads = [grad_name(p) for p in prog.params]
         self.stats = sorted(update_reads(prog) - set(self.grads))
@@ -301,7 +319,9 @@ class Reducer:
                 if model.batchnorms:
                     validate.batch_statistics(n, model.prog, model.batchnorms)
                 feeds.update(masks)
+                started = time.perf_counter()
                 env = executable.run("grads", n, feeds, scalars)
+                self.seconds["grads"] += time.perf_counter() - started
                 weight = n / total
                 buffer[0] = env[model.prog.loss_name][0] * weight
                 for name, at, shape in self.layout:
@@ -309,7 +329,9 @@ class Reducer:
                 outputs = [env[t.name].copy() for _, t in model.heads]
             else:  # a last batch smaller than the rank count: nothing to add
                 buffer[...] = 0
+            started = time.perf_counter()
             summed = self.group.sum(buffer)
+            self.seconds["sum"] += time.perf_counter() - started
             loss = float(summed[0])
             if model.nan_guard and not np.all(np.isfinite(summed)):
                 raise FloatingPointError(f"NaN guard: step {model.step + 1} produced a non-finite loss or gradient "
@@ -317,7 +339,9 @@ class Reducer:
                                          f"learning rate or check the data")
             feeds = {name: summed[at:at + int(np.prod(shape))].reshape(shape) for name, at, shape in self.layout}
             # the same batch size on every rank: the update (running variance's n/(n−1)) is identical
+            started = time.perf_counter()
             executable.run("update", -(-total // self.size), feeds, scalars)
+            self.seconds["update"] += time.perf_counter() - started
             model.step += 1
             model.batches_tracked += 1
         return loss, outputs

@@ -59,6 +59,29 @@ def assert_close(got: dict, want: dict) -> None:
         assert float(np.abs(got[k] - want[k]).max()) <= 1e-5 * scale, k
 
 
+def test_split_step_equals_fused_step_in_one_process():
+    """The step as ranks run it (grads phase, the sum, the update phase), in one process without
+    MPI, trains like the fused train step: batch norm (running statistics too), dropout,
+    augmentation, an uneven last batch, validation, over two epochs."""
+    from cnncompile.distributed import Reducer, SingleProcess
+
+    def network():
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Dropout(0.3), nn.Linear(100, 10))
+
+    x, y = script.data()
+    models = [cc.compile(network(), script.SHAPE, nn.CrossEntropyLoss(), cc.optim.SGD(0.05, momentum=0.9), seed=3)
+              for _ in range(2)]
+    models[1].distributed = Reducer(models[1], SingleProcess())
+    histories = [m.fit((x, y), epochs=2, batch_size=8, seed=1, validation=(x[:9], y[:9]), verbose=False,
+                       augment=cc.Augment(rotation=15, translation=2)) for m in models]
+    for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(histories[1][k], histories[0][k], rtol=1e-5)
+    want, got = models[0].state_dict(), models[1].state_dict()
+    assert_close({k: got[k] for k in want}, want)
+    assert models[1].step == models[0].step == 10
+
+
 @pytest.mark.parametrize("case", ["sgd", "adam", "dropout", "augment", "train_step"])
 def test_two_ranks_equal_one_process(tmp_path, case):
     """2 ranks × 1 thread and 1 process end 5 steps (the last batch uneven: 3 + 2 rows) with the
