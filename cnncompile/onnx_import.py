@@ -14,6 +14,7 @@ a `CompileError` that says why. Shape arithmetic (``Shape → Gather → Concat 
 from __future__ import annotations
 
 import math
+import operator
 import re
 from pathlib import Path
 
@@ -123,7 +124,8 @@ class Importer:
         for node in self.graph.node:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
-        self.fused_adds: dict[str, tuple] = {}  # Add node output → the MatMul's output it completes
+        self.fused_adds: dict[str, str] = {}  # Add node output → the MatMul's output it completes
+        self.param_inputs: set[str] = set()  # initializers held by layers (not needed when tracing)
 
     # ----- names and layers ---------------------------------------------------------------------
     def layer_name(self, node, params: dict[str, str]) -> str:
@@ -147,7 +149,8 @@ class Importer:
             return self.by_params[key]
         name = self.layer_name(node, params or {})
         if values:
-            arrays = {k: np.array(v, np.float32) for k, v in values.items()}
+            self.param_inputs.update((params or {}).values())
+            arrays = {k: np.asarray(v, np.float32) for k, v in values.items()}
             object.__setattr__(layer, "init_params", lambda rng, shapes, arrays=arrays: stored(arrays, shapes, name))
         self.layers[name] = layer
         if params:
@@ -181,7 +184,8 @@ class Importer:
                 self.steps.append(Step(node, fn, attrs))
         dims = inputs[0].type.tensor_type.shape.dim
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
-        net = OnnxNet(self.steps, self.constants, inputs[0].name, [o.name for o in self.graph.output],
+        constants = {k: v for k, v in self.constants.items() if k not in self.param_inputs}
+        net = OnnxNet(self.steps, constants, inputs[0].name, [o.name for o in self.graph.output],
                       None if None in shape else shape)
         for name, layer in self.layers.items():
             net._modules[name] = layer  # names may hold dots: they are the state_dict prefixes
@@ -556,26 +560,31 @@ def clip(imp: Importer, node, a):
     return run
 
 
+OPERATORS = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": operator.truediv}
+
+
 def binary(op):
     def handler(imp: Importer, node, a):
         def run(env, node):
             if node.output[0] in imp.fused_adds:  # the bias of a MatMul's dense layer: already added
                 env[node.output[0]] = env[imp.fused_adds[node.output[0]]]
                 return
-            x, y = (env.get(n) for n in node.input)
-            if not isinstance(x, TracedTensor):
-                if op in ("Sub", "Div"):
-                    raise CompileError(f"{op} of a constant by a computed tensor is not supported")
-                x, y = y, x
-            if not isinstance(y, TracedTensor):
-                y = np.asarray(y)
-                if y.size != 1:
-                    raise CompileError(f"{op} with a constant of shape {y.shape} is not supported (only scalars)")
-                y = float(y.reshape(()))
-            env[node.output[0]] = {"Add": lambda: x + y, "Sub": lambda: x - y, "Mul": lambda: x * y,
-                                   "Div": lambda: x / y}[op]()
+            x, y = (scalar_or_traced(env.get(n), op) for n in node.input)
+            try:
+                env[node.output[0]] = OPERATORS[op](x, y)
+            except TypeError:
+                raise CompileError(f"{op} of a constant by a computed tensor is not supported") from None
         return run
     return handler
+
+
+def scalar_or_traced(v, op):
+    if isinstance(v, TracedTensor):
+        return v
+    v = np.asarray(v)
+    if v.size != 1:
+        raise CompileError(f"{op} with a constant of shape {v.shape} is not supported (only scalars)")
+    return float(v.reshape(()))
 
 
 def concat(imp: Importer, node, a):

@@ -447,12 +447,13 @@ def test_onnx_padding_without_equivalent_is_refused(size, op, attrs, message, tm
 
 
 def test_matmul_add_clip_and_softmax_import(tmp_path):
-    """MatMul + Add become one dense layer (bias included), Clip becomes Hardtanh or ReLU, Softmax
-    at the output stays; the file's values are the parameters, trainable."""
+    """Scalar arithmetic (1 − x, x / 2) is traced, MatMul + Add become one dense layer (bias
+    included), Clip becomes Hardtanh or ReLU, Softmax at the output stays; the file's values are the parameters, trainable."""
     rng = np.random.default_rng(0)
     w1, b1 = rng.normal(size=(12, 6)).astype(np.float32), rng.normal(size=6).astype(np.float32)
     w2 = rng.normal(size=(4, 6)).astype(np.float32)
-    nodes = [helper.make_node("Flatten", ["input"], ["f"], axis=1),
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+             helper.make_node("Sub", ["one", "flat"], ["s"]), helper.make_node("Div", ["s", "two"], ["f"]),
              helper.make_node("MatMul", ["f", "w1"], ["m"], name="fc1"), helper.make_node("Add", ["m", "b1"], ["a"]),
              helper.make_node("Clip", ["a", "lo", "hi"], ["c"], name="clip"),
              helper.make_node("Clip", ["c", "zero"], ["r"], name="relu"),
@@ -460,7 +461,7 @@ def test_matmul_add_clip_and_softmax_import(tmp_path):
              helper.make_node("Softmax", ["g"], ["output"], axis=-1)]
     inits = [numpy_helper.from_array(v, n) for n, v in
              [("w1", w1), ("b1", b1), ("w2", w2), ("lo", np.float32(-0.5)), ("hi", np.float32(1.0)),
-              ("zero", np.float32(0.0))]]
+              ("zero", np.float32(0.0)), ("one", np.float32(1.0)), ("two", np.float32(2.0))]]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 2, 2])],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], inits)
     path = tmp_path / "m.onnx"
