@@ -366,6 +366,9 @@ def side_lanes(og: OpGraph, pos: dict) -> dict:
     return lanes
 
 
+MAX_PIXELS = 60000  # below Agg's limit of 2^16 pixels a side
+
+
 def draw_layered(og: OpGraph, path, dpi: int = 100) -> None:
     """Boxes on their ranks, an arrow per data input: to the next rank directly, further down
     along a lane right of every box it passes, so that a skip connection is never hidden."""
@@ -383,6 +386,7 @@ def draw_layered(og: OpGraph, path, dpi: int = 100) -> None:
     left = min(columns) * col_sep - box_w / 2 - 0.2
     right = max([max(columns) * col_sep + box_w / 2] + list(lane_x.values())) + 0.2
     height = depth * row_sep + box_h + 0.4
+    dpi = min(dpi, int(MAX_PIXELS / height))  # a very deep network: smaller, but drawn
     fig = plt.figure(figsize=(right - left, height), dpi=dpi)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.set_xlim(left, right)

@@ -259,3 +259,10 @@ def test_fit_logs_every_heads_loss_and_the_curves_draw_them(backend, tmp_path):
     assert show.curve_panels(history) == ["loss", "cls_loss", "box_loss", "accuracy"]
     show.save_curves(history, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_graph_too_deep_for_one_png_is_drawn_smaller(tmp_path, monkeypatch):
+    monkeypatch.setattr(show, "MAX_PIXELS", 400)
+    show.draw_layered(show.op_graph(joins_model().tracer.graph), tmp_path / "g.png")
+    import matplotlib.image
+    assert matplotlib.image.imread(tmp_path / "g.png").shape[0] <= 400
