@@ -302,13 +302,16 @@ def dot_program() -> str | None:
 
 
 def save_graph(model, path) -> str:
-    """The graph IR as a PNG: Graphviz's layered layout where ``dot`` is installed, else
-    `layered_layout` drawn with matplotlib. Returns which one drew it ("dot" or "matplotlib")."""
+    """The graph IR as a PNG: Graphviz's layered layout where ``dot`` is installed (and succeeds),
+    else `layered_layout` drawn with matplotlib. Returns which one drew it ("dot" or "matplotlib")."""
     dot = dot_program()
     if dot is not None:
-        subprocess.run([dot, "-Tpng", "-Gdpi=96", "-o", str(path)], input=graph_dot(model), text=True,
-                       check=True, capture_output=True, timeout=120)
-        return "dot"
+        try:
+            subprocess.run([dot, "-Tpng", "-Gdpi=96", "-o", str(path)], input=graph_dot(model), text=True,
+                           check=True, capture_output=True, timeout=120)
+            return "dot"
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            pass  # a dot that fails on this graph: our own drawing instead
     draw_layered(op_graph(model.tracer.graph), path)
     return "matplotlib"
 

@@ -266,3 +266,9 @@ def test_a_graph_too_deep_for_one_png_is_drawn_smaller(tmp_path, monkeypatch):
     show.draw_layered(show.op_graph(joins_model().tracer.graph), tmp_path / "g.png")
     import matplotlib.image
     assert matplotlib.image.imread(tmp_path / "g.png").shape[0] <= 400
+
+
+def test_a_failing_dot_falls_back_to_the_matplotlib_drawing(tmp_path, monkeypatch):
+    monkeypatch.setattr(show, "dot_program", lambda: "false")  # the `false` program: exits 1
+    assert show.save_graph(joins_model(), tmp_path / "g.png") == "matplotlib"
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
