@@ -224,6 +224,6 @@ def test_llvm_functions_are_named_and_commented_after_their_stages():
     labels, name = shared[1].strip().split("\n"), shared[2]
     grads = text.split("define void @cc_source_grads(")[1].split("\n}\n")[0]
     assert len(labels) >= 2 and grads.count(f"call void {name}(") == len(labels)
-    assert "; for b (this thread's share)" in text
+    assert "; for b (this thread's share)" in text and "; vector row " in text
     import llvmlite.binding as llvm
     llvm.parse_assembly(text).verify()

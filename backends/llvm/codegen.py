@@ -239,6 +239,7 @@ class ModuleWriter:
                     return (self.bound(fw, bounds[v][0], vals, lower=True),
                             self.bound(fw, bounds[v][1], vals, lower=False))
 
+                fw.raw(f"; vector row {v}")
                 if k == vector.first_reduce:  # the row is the only reduction: accumulate it right here
                     vector.begin()
                     vector.innermost(vals, row_bounds)
