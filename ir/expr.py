@@ -85,29 +85,45 @@ def tensor_of(r: sympy.Indexed) -> str:
     return str(r.base.label)
 
 
-def var_bounds(stage: Stage) -> dict[str, tuple[list, list]]:
-    """Loop bounds per reduction variable, Fourier–Motzkin style: each constraint bounds the
-    last variable (in loop order) that it mentions; what it says of the others is left as a
-    guard already implied by the innermost bound.
+BATCH_LAST = "B-1"  # the last batch index, known only at run time
 
-    Returns ``{var: (lowers, uppers)}`` with each bound an ``(Affine numerator, divisor)`` pair
-    meaning ``var ≥ ⌈num/div⌉`` or ``var ≤ ⌊num/div⌋`` (a sympy expression for the batch extent).
-    """
-    order = [v for v, _ in stage.reduce]
-    out = {v: ([], []) for v in order}
-    for v, ext in stage.reduce:
-        if ext is not None:
-            out[v][0].append((Affine.constant(0), 1))
-            out[v][1].append((Affine.constant(ext - 1) if isinstance(ext, int) else ext - 1, 1))
-    for box in stage.constraints:
-        inner = [v for v in order if box.expr.coeff(v) != 0]
-        if not inner:
+
+def extent_minus_one(ext):
+    return Affine.constant(ext - 1) if isinstance(ext, int) else BATCH_LAST
+
+
+def fm_bounds(order: list, grid, constraints, last=extent_minus_one) -> dict | None:
+    """The one bounds rule (what the code runs and what `explain` prints): per loop variable,
+    lower and upper bounds as ``(numerator, divisor)`` lists (``v ≥ ⌈num/div⌉``, ``v ≤ ⌊num/div⌋``),
+    Fourier–Motzkin style: the box (``[0, last(extent)]``; none for an extent of None), and each
+    constraint bounding the innermost variable (in ``order``) that it mentions; what it says of
+    the others is a guard that bound already implies. None: a constraint on constants only is
+    false, so the nest never runs."""
+    extents = dict(grid)
+    bounds = {v: ([(Affine.constant(0), 1)], [(last(extents[v]), 1)]) if extents[v] is not None else ([], [])
+              for v in order}
+    position = {v: k for k, v in enumerate(order)}
+    for c in constraints:
+        present = [v for v in order if c.expr.coeff(v) != 0]
+        if not present:
+            if not c.lo <= c.expr.const <= c.hi:
+                return None
             continue
-        v = inner[-1]
-        lo_num, hi_num, div = box.bounds_on(v)
-        out[v][0].append((lo_num, div))
-        out[v][1].append((hi_num, div))
-    return out
+        v = max(present, key=position.get)
+        lo_num, hi_num, div = c.bounds_on(v)
+        bounds[v][0].append((lo_num, div))
+        bounds[v][1].append((hi_num, div))
+    return bounds
+
+
+def var_bounds(stage: Stage) -> dict[str, tuple[list, list]]:
+    """`fm_bounds` of a stage's reduction variables in their order, as `explain` prints them
+    (a batch extent's last index as the sympy expression ``B - 1``); constraints on output
+    variables alone are guards, not bounds."""
+    order = [v for v, _ in stage.reduce]
+    constraints = [c for c in stage.constraints if any(c.expr.coeff(v) for v in order)]
+    return fm_bounds(order, stage.reduce, constraints,
+                     lambda ext: Affine.constant(ext - 1) if isinstance(ext, int) else ext - 1)
 
 
 @dataclass

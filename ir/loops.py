@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sympy
 
 from .affine import Affine, Box
-from .expr import Program, Stage, tensor_of
+from .expr import BATCH_LAST, Program, Stage, extent_minus_one, fm_bounds, tensor_of  # noqa: F401 (re-exported)
 from .residue import residue_classes, substitute
 
 
@@ -116,29 +116,3 @@ def covers_outputs(nest: ClassNest, term: TermNest) -> bool:
     return len(nest.terms) == 1 and not any(set(c.expr.vars) <= outer for c in term.constraints)
 
 
-def fm_bounds(order: list, grid, constraints) -> dict | None:
-    """Per loop variable, lower and upper bounds as ``(Affine numerator or BATCH_LAST, divisor)`` lists
-    (``v ≥ ⌈num/div⌉``, ``v ≤ ⌊num/div⌋``): the box, and each constraint bounding the innermost
-    variable (in ``order``) that it mentions. None: a constraint on constants only is false, so
-    the nest never runs."""
-    extents = dict(grid)
-    bounds = {v: ([(Affine.constant(0), 1)], [(extent_minus_one(extents[v]), 1)]) for v in order}
-    position = {v: k for k, v in enumerate(order)}
-    for c in constraints:
-        present = [v for v in order if c.expr.coeff(v) != 0]
-        if not present:
-            if not c.lo <= c.expr.const <= c.hi:
-                return None
-            continue
-        v = max(present, key=position.get)
-        lo_num, hi_num, div = c.bounds_on(v)
-        bounds[v][0].append((lo_num, div))
-        bounds[v][1].append((hi_num, div))
-    return bounds
-
-
-BATCH_LAST = "B-1"  # the last batch index, known only at run time
-
-
-def extent_minus_one(ext):
-    return Affine.constant(ext - 1) if isinstance(ext, int) else BATCH_LAST
