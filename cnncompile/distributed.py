@@ -208,6 +208,13 @@ class Group:
         self.wait(self.comm.Iallgather(mine, out), "the start-up check")
         return [out[k * 64:(k + 1) * 64].tobytes().decode().strip() for k in range(self.size)]
 
+    def refuse(self, error: Exception):
+        """Raise ``error``, which every rank raises together: each prints it first and waits for
+        the others to have printed theirs (the first abort would otherwise cut them short)."""
+        print(f"cnncompile (rank {self.rank}): {error}", file=sys.stderr, flush=True)
+        self.wait(self.comm.Ibarrier(), "the other ranks' error reports")
+        raise error
+
     def broadcast(self, array: np.ndarray) -> None:
         request = self.comm.Ibcast(array, root=0)
         self.wait(request, "the broadcast of rank 0's state")
@@ -227,6 +234,12 @@ class SingleProcess:
 
     def total(self, *numbers: float) -> list[float]:
         return [float(v) for v in numbers]
+
+    def gather_digests(self, digest: str) -> list[str]:
+        return [digest]
+
+    def refuse(self, error: Exception):
+        raise error
 
 
 # ----- setting a model up ------------------------------------------------------------------------
@@ -253,10 +266,10 @@ def distribute(model, distributed="mpi", comm=None):
     digests = group.gather_digests(program_digest(model))
     if len(set(digests)) > 1:
         others = [k for k, d in enumerate(digests) if d != digests[0]]
-        raise CompileError(f"distributed: rank(s) {others} compiled a different program than rank 0 (the "
-                           f"network, loss, optimizer and its learning rate, backend, dtype and cnncompile's "
-                           f"source must be the same on every rank); this is rank {group.rank}, digest "
-                           f"{digests[group.rank]} against rank 0's {digests[0]}")
+        group.refuse(CompileError(
+            f"distributed: rank(s) {others} compiled a different program than rank 0 (the network, loss, optimizer "
+            f"and its learning rate, backend, dtype and cnncompile's source must be the same on every rank); this "
+            f"is rank {group.rank}, digest {digests[group.rank]} against rank 0's {digests[0]}"))
     model.distributed = Reducer(model, group)
     model.distributed.synchronize(model)
     return model
@@ -385,6 +398,19 @@ class Reducer:
         if head is not None:
             metrics["accuracy"] = correct / count
         return metrics
+
+    def check_fit(self, model, examples: int, batch_size: int, seed: int, epochs: int, augment, validation) -> None:
+        """Every rank must run the same epochs over the same batches: compare the settings (and
+        where training stands) and refuse, on every rank, if any rank differs."""
+        settings = {"training examples": examples, "batch size": batch_size, "seed": seed, "epochs": epochs,
+                    "augment": repr(augment), "validation examples": validation, "epoch": model.epoch,
+                    "step": model.step}
+        digests = self.group.gather_digests(hashlib.sha256(repr(settings).encode()).hexdigest()[:32])
+        if len(set(digests)) > 1:
+            others = [k for k, d in enumerate(digests) if d != digests[0]]
+            self.group.refuse(ValueError(f"distributed fit: rank(s) {others} were given other data or settings than "
+                                         f"rank 0 (these must be the same on every rank); this is rank {self.rank}, "
+                                         f"with {settings}"))
 
     def callbacks(self, callbacks: list) -> list:
         """Callbacks as this rank runs them: on ranks other than 0, those that write files keep

@@ -83,7 +83,9 @@ def fit(model, train, epochs: int = 1, batch_size: int = 64, validation=None, ca
     if nan_guard is not None:
         model.nan_guard = nan_guard
     callbacks = sorted(callbacks or (), key=lambda cb: type(cb).__name__ == "ModelCheckpoint")
-    if model.distributed is not None:  # rank 0 alone prints and writes files
+    if model.distributed is not None:  # the same data and settings on every rank; rank 0 alone prints and writes
+        model.distributed.check_fit(model, len(x), batch_size, seed, epochs, augment,
+                                    None if validation is None else len(validation[0]))
         callbacks, verbose = model.distributed.callbacks(callbacks), verbose and model.distributed.rank == 0
     model.callbacks, model.stop_training = callbacks, False
     pending = getattr(model, "pending_callback_states", None) or []

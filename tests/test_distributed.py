@@ -137,11 +137,16 @@ def test_a_failing_rank_stops_the_job(tmp_path, how):
     assert "rank 0 done" not in output
 
 
-def test_ranks_with_different_networks_refuse_to_start(tmp_path):
-    """Rank 1 compiling another network is a CompileError naming the rank, before any step."""
-    done = run(2, SCRIPT, "mismatch", tmp_path / "out.npz", timeout=120, check=False)
+@pytest.mark.parametrize("case, message", [
+    ("mismatch", "rank(s) [1] compiled a different program than rank 0"),
+    ("other_data", "distributed fit: rank(s) [1] were given other data or settings than rank 0")])
+def test_ranks_that_disagree_refuse_to_start(tmp_path, case, message):
+    """Rank 1 compiling another network, or given another training set, is an error naming the
+    rank on every rank, before any step."""
+    done = run(2, SCRIPT, case, tmp_path / "out.npz", timeout=120, check=False)
     assert done.returncode != 0
-    assert "rank(s) [1] compiled a different program than rank 0" in done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    assert all(f"(rank {k}): " in output and f"this is rank {k}" in output for k in (0, 1)) and message in output
 
 
 NETWORK_FILE = '''

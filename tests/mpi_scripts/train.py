@@ -33,9 +33,12 @@ def optimizer(case: str):
         cc.optim.SGD(0.1) if case == "bn" else cc.optim.SGD(0.05, momentum=0.9, weight_decay=5e-4)
 
 
-def data():
+def data(case: str = ""):
     rng = np.random.default_rng(0)
-    return rng.standard_normal((N, *SHAPE)).astype(np.float32), rng.integers(0, 10, N)
+    x, y = rng.standard_normal((N, *SHAPE)).astype(np.float32), rng.integers(0, 10, N)
+    if case == "other_data" and os.environ.get("OMPI_COMM_WORLD_RANK") == "1":
+        return x[:-1], y[:-1]
+    return x, y
 
 
 def main():
@@ -56,7 +59,7 @@ def main():
             distribute(model)
     else:
         model = cc.compile(net, SHAPE, nn.CrossEntropyLoss(), optimizer(args.case), seed=3, distributed=distributed)
-    x, y = data()
+    x, y = data(args.case)
     losses = []
     if args.fail or args.case == "train_step":
         for step in range(20 if args.fail else 5):
