@@ -82,10 +82,10 @@ def test_split_step_equals_fused_step_in_one_process():
     assert models[1].step == models[0].step == 10
 
 
-@pytest.mark.parametrize("case", ["sgd", "adam", "dropout", "augment", "train_step"])
+@pytest.mark.parametrize("case", ["sgd", "adam", "dropout", "augment", "train_step", "last_one"])
 def test_two_ranks_equal_one_process(tmp_path, case):
-    """2 ranks × 1 thread and 1 process end 5 steps (the last batch uneven: 3 + 2 rows) with the
-    same parameters, optimizer state and losses, within the float32 bound."""
+    """2 ranks × 1 thread and 1 process end 5 steps (the last batch uneven: 2 + 3 rows, or 0 + 1)
+    with the same parameters, optimizer state and losses, within the float32 bound."""
     one = train(1, case, tmp_path / "one.npz")
     two = train(2, case, tmp_path / "two.npz")
     assert int(two["step"]) == 5 and len(two["loss"]) == (5 if case == "train_step" else 1)
