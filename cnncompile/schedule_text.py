@@ -30,14 +30,15 @@ TEMPLATES = {
 def schedule(prog, phase: str | None = None, dtype=np.float32) -> str:
     """The schedule of one phase (or of every phase) as text."""
     from cnncompile.backends.llvm.codegen import code_program, unobserved_outputs, vector_lanes
-    if phase is not None and phase not in PHASES:
-        raise CompileError(f"schedule: no phase {phase!r}; the phases are {', '.join(PHASES)}")
+    phases = prog.phase_names() if hasattr(prog, "phase_names") else list(PHASES)  # (what the code writer runs)
+    if phase is not None and phase not in phases:
+        raise CompileError(f"schedule: no phase {phase!r}; the phases are {', '.join(phases)}")
     ftype = "float" if np.dtype(dtype) == np.float32 else "double"
     lanes = vector_lanes(ftype)
     code = code_program(prog, ftype)
     scheduler = Scheduler(code, lanes=lanes)
     parts = []
-    for name in [phase] if phase else list(PHASES):
+    for name in [phase] if phase else phases:
         if not code.phase_stages(name):
             continue
         plan = scheduler.kernels(name)
