@@ -414,8 +414,8 @@ class TorchGraph(Module):
             try:
                 env[node] = call(run, node.target if node.op == "call_method" else describe(node.target),
                                  args, kwargs)
-            except CompileError as exc:
-                raise CompileError(f"{self.where}: node '{node.name}' ({node.op}): {exc}") from None
+            except CompileError as exc:  # (a ShapeError stays one)
+                raise type(exc)(f"{self.where}: node '{node.name}' ({node.op}): {exc}") from None
         raise CompileError(f"{self.where}: its fx graph has no output")
 
 
