@@ -243,6 +243,19 @@ class SingleProcess:
 
 
 # ----- setting a model up ------------------------------------------------------------------------
+def sync_cuts(prog, graph) -> list[str]:
+    """Where synchronized batch norm cuts the grads phase: after each batch norm's batch mean and
+    batch variance (the ranks sum them, weighted, into the global batch's statistics before they
+    are used) and after the gradients reaching them (summed before the input gradient uses them)."""
+    written = {s.out for _, _, s in prog.phase_stages("grads")}
+    names = []
+    for node in graph.ops:
+        if node.kind == "batchnorm2d":
+            out = node.output
+            names += [n for n in (f"{out}.mean", f"{out}.var", f"dL/d{out}.var", f"dL/d{out}.mean") if n in written]
+    return names
+
+
 def program_digest(model) -> str:
     """A hash of what every rank must share: the network, loss, optimizer (with its learning
     rate), backend, dtype, the compiler's source and the libraries' versions (the program
@@ -290,6 +303,17 @@ class Reducer:
             self.layout.append((name, at, shape))
             at += int(np.prod(shape))
         self.buffer = np.zeros(at, model.dtype)
+        self.segments = []  # synchronized batch norm: (phase, names summed after it) per segment of grads
+        if prog.cuts:
+            from cnncompile.ir.expr import SEGMENT
+            parts = prog.segments()
+            last = {name: max(k for k, part in enumerate(parts) for _, _, st in part if st.out == name)
+                    for name in prog.cuts}
+            self.segments = [(f"{SEGMENT}{k}", [n for n in prog.cuts if last[n] == k]) for k in range(len(parts))]
+        self.unbias = {}  # synchronized: running variance's n/(n−1) as one process on the global batch has it
+        for name in self.stats:
+            if prog.cuts and name.endswith(".var") and name[:-4] in prog.tensors:
+                self.unbias[name] = int(np.prod(prog.tensors[name[:-4]].shape[2:]))
 
     def synchronize(self, model) -> None:
         """Rank 0's parameters, optimizer state and counters on every rank."""
@@ -332,15 +356,16 @@ class Reducer:
                 if model.batchnorms:
                     validate.batch_statistics(n, model.prog, model.batchnorms)
                 feeds.update(masks)
-                started = time.perf_counter()
-                env = executable.run("grads", n, feeds, scalars)
-                self.seconds["grads"] += time.perf_counter() - started
+                env = self.run_grads(executable, n, total, feeds, scalars)
                 weight = n / total
                 buffer[0] = env[model.prog.loss_name][0] * weight
                 for name, at, shape in self.layout:
                     np.multiply(env[name].reshape(-1), weight, out=buffer[at:at + env[name].size])
                 outputs = [env[t.name].copy() for _, t in model.heads]
             else:  # a last batch smaller than the rank count: nothing to add
+                for _, names in self.segments:  # (but take part in the sums of synchronized batch norm)
+                    self.group.sum(np.zeros(sum(int(np.prod(model.prog.tensors[t].shape)) for t in names),
+                                            model.dtype))
                 buffer[...] = 0
             started = time.perf_counter()
             summed = self.group.sum(buffer)
@@ -351,13 +376,35 @@ class Reducer:
                                          f"(the parameters are left as they were before this step); lower the "
                                          f"learning rate or check the data")
             feeds = {name: summed[at:at + int(np.prod(shape))].reshape(shape) for name, at, shape in self.layout}
+            batch = -(-total // self.size)
+            for name, area in self.unbias.items():  # the update multiplies by c/(c−1) with c = batch · area
+                c, mine = total * area, batch * area
+                feeds[name] = feeds[name] * (c / (c - 1) * (mine - 1) / mine) if mine > 1 else feeds[name]
             # the same batch size on every rank: the update (running variance's n/(n−1)) is identical
             started = time.perf_counter()
-            executable.run("update", -(-total // self.size), feeds, scalars)
+            executable.run("update", batch, feeds, scalars)
             self.seconds["update"] += time.perf_counter() - started
             model.step += 1
             model.batches_tracked += 1
         return loss, outputs
+
+    def run_grads(self, executable, n: int, total: int, feeds: dict, scalars: dict):
+        """The grads phase on this rank's ``n`` rows; synchronized batch norm runs it segment by
+        segment, replacing each batch statistic (and its gradient) by the share-weighted sum
+        over the ranks before the next segment reads it."""
+        started = time.perf_counter()
+        if not self.segments:
+            env = executable.run("grads", n, feeds, scalars)
+        for k, (phase, names) in enumerate(self.segments):
+            env = executable.run(phase, n, feeds if k == 0 else {}, scalars)
+            if names:
+                summed = self.group.sum(np.concatenate([env[t].reshape(-1) * (n / total) for t in names]))
+                at = 0
+                for t in names:
+                    env[t][...] = summed[at:at + env[t].size].reshape(env[t].shape)
+                    at += env[t].size
+        self.seconds["grads"] += time.perf_counter() - started
+        return env
 
     def augment(self, augment, x, y, rng, total: int):
         """This rank's rows of the augmented global batch: the maps are drawn for all ``total``

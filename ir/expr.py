@@ -145,6 +145,7 @@ class Program:
     noise: dict[str, float] = field(default_factory=dict)  # dropout masks → probability
     loss_name: str = ""
     scalars: dict[str, float] = field(default_factory=dict)  # runtime symbols: lr, step...
+    cuts: list[str] = field(default_factory=list)  # grads also runs in segments, cut after each of these is written
 
     def add_tensor(self, spec: TensorSpec) -> None:
         self.tensors[spec.name] = spec
@@ -154,9 +155,28 @@ class Program:
 
     def phase_stages(self, phase: str) -> list[tuple[str, int, Stage]]:
         """The stages a phase runs, in order, as (part, index in part, stage)."""
+        if phase.startswith(SEGMENT):
+            return self.segments()[int(phase[len(SEGMENT):])]
         parts, mode = PHASES[phase]
         return [(part, k, s) for part in parts for k, s in enumerate(getattr(self, part))
                 if s.mode in ("any", mode)]
+
+    def segments(self) -> list[list[tuple[str, int, Stage]]]:
+        """The grads phase cut after the last stage writing each of `cuts` (synchronized batch
+        norm: the ranks sum a statistic, or its gradient, between two segments)."""
+        stages = self.phase_stages("grads")
+        ends = {max(i for i, (_, _, s) in enumerate(stages) if s.out == name) for name in self.cuts}
+        out, current = [], []
+        for i, item in enumerate(stages):
+            current.append(item)
+            if i in ends:
+                out.append(current)
+                current = []
+        return out + [current]
+
+    def phase_names(self) -> list[str]:
+        """Every phase the backends compile: `PHASES`, and the grads phase's segments if cut."""
+        return list(PHASES) + ([f"{SEGMENT}{k}" for k in range(len(self.segments()))] if self.cuts else [])
 
     @property
     def has_modes(self) -> bool:
@@ -177,3 +197,4 @@ PHASES = {
     # ``grads`` phase handed out: data-parallel training reduces them between the two
     "update": (("update",), "train"),
 }
+SEGMENT = "grads_s"  # "grads_s3": the grads phase's fourth segment (`Program.segments`)

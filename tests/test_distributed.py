@@ -59,10 +59,12 @@ def assert_close(got: dict, want: dict) -> None:
         assert float(np.abs(got[k] - want[k]).max()) <= 1e-5 * scale, k
 
 
-def test_split_step_equals_fused_step_in_one_process():
-    """The step as ranks run it (grads phase, the sum, the update phase), in one process without
-    MPI, trains like the fused train step: batch norm (running statistics too), dropout,
-    augmentation, an uneven last batch, validation, over two epochs."""
+@pytest.mark.parametrize("sync", [False, True])
+def test_split_step_equals_fused_step_in_one_process(sync):
+    """The step as ranks run it (grads phase, or with synchronized batch norm its segments, the
+    sum, the update phase), in one process without MPI, trains like the fused train step: batch
+    norm (running statistics too), dropout, augmentation, an uneven last batch, validation, over
+    two epochs."""
     from cnncompile.distributed import Reducer, SingleProcess
 
     def network():
@@ -70,9 +72,10 @@ def test_split_step_equals_fused_step_in_one_process():
                              nn.Dropout(0.3), nn.Linear(100, 10))
 
     x, y = script.data()
-    models = [cc.compile(network(), script.SHAPE, nn.CrossEntropyLoss(), cc.optim.SGD(0.05, momentum=0.9), seed=3)
-              for _ in range(2)]
+    models = [cc.compile(network(), script.SHAPE, nn.CrossEntropyLoss(), cc.optim.SGD(0.05, momentum=0.9), seed=3,
+                         sync_batchnorm=synchronized) for synchronized in (False, sync)]
     models[1].distributed = Reducer(models[1], SingleProcess())
+    assert len(models[1].distributed.segments) == (5 if sync else 0)  # cut after μ, σ², ∂L/∂σ², ∂L/∂μ
     histories = [m.fit((x, y), epochs=2, batch_size=8, seed=1, validation=(x[:9], y[:9]), verbose=False,
                        augment=cc.Augment(rotation=15, translation=2)) for m in models]
     for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
@@ -82,10 +85,11 @@ def test_split_step_equals_fused_step_in_one_process():
     assert models[1].step == models[0].step == 10
 
 
-@pytest.mark.parametrize("case", ["sgd", "adam", "dropout", "augment", "train_step", "last_one"])
+@pytest.mark.parametrize("case", ["sgd", "adam", "dropout", "augment", "train_step", "last_one", "sync_bn"])
 def test_two_ranks_equal_one_process(tmp_path, case):
     """2 ranks × 1 thread and 1 process end 5 steps (the last batch uneven: 2 + 3 rows, or 0 + 1)
-    with the same parameters, optimizer state and losses, within the float32 bound."""
+    with the same parameters, optimizer state, losses (and, with synchronized batch norm against
+    one process's fused step, the same running statistics), within the float32 bound."""
     one = train(1, case, tmp_path / "one.npz")
     two = train(2, case, tmp_path / "two.npz")
     assert int(two["step"]) == 5 and len(two["loss"]) == (5 if case == "train_step" else 1)

@@ -446,7 +446,7 @@ class ModuleWriter:
     def phase_kernels(self):
         """Each phase's kernels in order, and a driver per kernel of the train phase (the NaN
         guard replays a step kernel by kernel; profiles time them)."""
-        for phase in PHASES:
+        for phase in self.prog.phase_names():
             plan = self.scheduler.kernels(phase)
             if phase == UNITS_PHASE:
                 self.elided = unobserved_outputs(plan, self.prog)

@@ -19,7 +19,7 @@ from collections import OrderedDict
 import numpy as np
 
 from cnncompile.ir.buffers import PERSISTENT, array_dtype, plan_buffers
-from cnncompile.ir.expr import BATCH, PHASES, Program
+from cnncompile.ir.expr import BATCH, Program
 from cnncompile.backends.env import Env
 from .codegen import UNITS_PHASE, ModuleWriter, code_program
 from .jit import Compiled, compile_workers, fingerprint
@@ -89,7 +89,7 @@ class LLVMExecutable:
             if prefix not in _loaded:
                 _loaded[prefix] = Compiled(parts, use_cache)
         self.compiled = _loaded[prefix]
-        names = list(PHASES) + [f"{UNITS_PHASE}_u{j}" for j in range(len(self.unit_stages))]
+        names = self.prog.phase_names() + [f"{UNITS_PHASE}_u{j}" for j in range(len(self.unit_stages))]
         self.phases = {p: PHASE_SIGNATURE(self.compiled.address(f"{prefix}_{p}")) for p in names}
         self.state = {n: self.allocate(s, 1) for n, s in prog.tensors.items() if s.role in PERSISTENT}
         self.arenas: dict[bool, np.ndarray] = {}  # per sharing mode: the largest plan's bytes

@@ -19,7 +19,7 @@ N, BATCH, SHAPE = 37, 8, (1, 12, 12)  # 5 steps an epoch, the last one 5 example
 
 def network(case: str):
     layers = [nn.Conv2d(1, 4, 3)]
-    if case == "bn":
+    if case in ("bn", "sync_bn"):
         layers.append(nn.BatchNorm2d(4))
     layers += [nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()]
     if case == "dropout":
@@ -59,7 +59,8 @@ def main():
             from cnncompile.distributed import distribute
             distribute(model)
     else:
-        model = cc.compile(net, SHAPE, nn.CrossEntropyLoss(), optimizer(args.case), seed=3, distributed=distributed)
+        model = cc.compile(net, SHAPE, nn.CrossEntropyLoss(), optimizer(args.case), seed=3, distributed=distributed,
+                           sync_batchnorm=args.case == "sync_bn" and distributed is not None)
     x, y = data(args.case)
     losses = []
     if args.fail or args.case == "train_step":
