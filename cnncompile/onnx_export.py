@@ -354,7 +354,8 @@ def tensor_type(onnx, array) -> int:
 
 def make_model(onnx, w: Writer, inputs, outputs, opset: int):
     graph = onnx.helper.make_graph(w.nodes, "cnncompile", inputs, outputs)
-    proto = onnx.helper.make_model(graph, producer_name="cnncompile", opset_imports=[onnx.helper.make_opsetid("", opset)])
+    proto = onnx.helper.make_model(graph, producer_name="cnncompile",
+                                   opset_imports=[onnx.helper.make_opsetid("", opset)])
     proto.ir_version = min(proto.ir_version, 9)  # readable by onnxruntime releases of the last two years
     return proto
 

@@ -458,7 +458,7 @@ def matmul(imp: Importer, node, a):
     bias = bias_name = None
     if len(users) == 1 and users[0].op_type == "Add":
         other = [n for n in users[0].input if n != node.output[0]]
-        if len(other) == 1 and other[0] in imp.constants and np.asarray(imp.constants[other[0]]).size == weight.shape[0]:
+        if len(other) == 1 and np.asarray(imp.constants.get(other[0], ())).size == weight.shape[0]:
             bias, bias_name = imp.constants[other[0]], other[0]
             imp.fused_adds[users[0].output[0]] = node.output[0]
     return dense(imp, node, weight, None, bias, bias_name)
@@ -472,7 +472,8 @@ def batchnorm(imp: Importer, node, a):
     params = {local: node.input[k + 1] for k, local in enumerate(locals_)}
     values = {local: imp.constant(node, k + 1, local) for k, local in enumerate(locals_)}
     momentum = 1.0 - float(a.get("momentum", 0.9))  # ONNX weighs the running value, PyTorch the batch's
-    layer = imp.add_layer(node, nn.BatchNorm2d(values["weight"].shape[0], eps=float(str(np.float32(a.get("epsilon", 1e-5)))),
+    eps = float(str(np.float32(a.get("epsilon", 1e-5))))  # 1e-05, not float32's 9.99999974738e-06
+    layer = imp.add_layer(node, nn.BatchNorm2d(values["weight"].shape[0], eps=eps,
                                                momentum=round(momentum, 6)), params, values)
     return layer_step(layer)
 
@@ -613,7 +614,8 @@ def reshape(imp: Importer, node, a):
         x = traced(env, node)
         target = list(np.asarray(env.get(node.input[1])).reshape(-1))
         features = int(np.prod(x.shape[1:]))
-        if len(target) == 2 and (target[0] is BATCH or is_int(target[0], (0, -1))) and is_int(target[1], (-1, features)):
+        batch_first = target[:1] and (target[0] is BATCH or is_int(target[0], (0, -1)))
+        if len(target) == 2 and batch_first and is_int(target[1], (-1, features)):
             env[node.output[0]] = x.flatten(1) if len(x.shape) > 2 else x
             return
         raise CompileError(f"only a reshape to (batch, features) is supported, got target {target} for input "

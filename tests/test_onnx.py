@@ -468,7 +468,8 @@ def test_onnx_padding_without_equivalent_is_refused(size, op, attrs, message, tm
 
 def test_matmul_add_clip_and_softmax_import(tmp_path):
     """Scalar arithmetic (1 − x, x / 2) is traced, MatMul + Add become one dense layer (bias
-    included), Clip becomes Hardtanh or ReLU, Softmax at the output stays; the file's values are the parameters, trainable."""
+    included), Clip becomes Hardtanh or ReLU, Softmax at the output stays; the file's values are
+    the parameters, trainable."""
     rng = np.random.default_rng(0)
     w1, b1 = rng.normal(size=(12, 6)).astype(np.float32), rng.normal(size=6).astype(np.float32)
     w2 = rng.normal(size=(4, 6)).astype(np.float32)
