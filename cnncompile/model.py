@@ -77,6 +77,19 @@ class Model:
                     self.batches_tracked * self.bn_calls.get(n[: -len(".running_var")], 1), np.int64)
         return out
 
+    def named_parameters(self):
+        """(name, array) for every trainable parameter, as PyTorch's ``named_parameters``: the live
+        arrays the compiled code reads and updates (writing into one changes the model)."""
+        return [(n, self.executable.state[n]) for n in self.prog.params]
+
+    def parameters(self):
+        """The live parameter arrays, as PyTorch's ``parameters()`` (see `named_parameters`)."""
+        return [p for _, p in self.named_parameters()]
+
+    def __call__(self, x):
+        """``model(x)``: `predict`, as calling a PyTorch module in eval mode."""
+        return self.predict(x)
+
     def to_torch_state_dict(self):
         """`state_dict` as torch tensors, so ``torch_module.load_state_dict(model.to_torch_state_dict())``
         puts trained weights back into the module the model was compiled from (needs torch)."""

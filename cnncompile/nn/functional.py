@@ -100,3 +100,15 @@ def dropout2d(x, p=0.5, training=True, inplace=False):
 
 def batch_norm(*args, **kwargs):
     raise NotImplementedError("use the nn.BatchNorm2d layer: its running statistics need a home in state_dict")
+
+
+@torch_signature
+def softmax(x, dim=None, _stacklevel=3, dtype=None):
+    """Over dim 1 (the classes, or a map's channels), as the Softmax layer."""
+    return _f("softmax", x, dim=dim)
+
+
+@torch_signature
+def log_softmax(x, dim=None, _stacklevel=3, dtype=None):
+    """Over dim 1, as the LogSoftmax layer (before NLLLoss: cross-entropy in two steps)."""
+    return _f("log_softmax", x, dim=dim)
