@@ -288,6 +288,30 @@ def test_torch_attributes_and_torch_functions_in_a_cnncompile_forward():
         Bad()
 
 
+def test_torch_module_list_inside_a_cnncompile_module():
+    """A torch.nn.ModuleList attribute becomes a ModuleList of converted layers, named as in PyTorch
+    (``blocks.0.weight``) and holding the torch layers' weights."""
+    class Net(nn.Module):
+        def __init__(self, blocks):
+            super().__init__()
+            self.blocks = blocks
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x.flatten(1)
+
+    torch.manual_seed(0)
+    blocks = tnn.ModuleList([tnn.Conv2d(1, 2, 3, padding=1), tnn.ReLU(), tnn.Conv2d(2, 1, 1)])
+    model = cc.compile(Net(blocks), input_shape=(1, 3, 3), backend="numpy", dtype="float64")
+    assert list(model.state_dict()) == ["blocks.0.weight", "blocks.0.bias", "blocks.2.weight", "blocks.2.bias"]
+    np.testing.assert_array_equal(model.state_dict()["blocks.2.weight"], numpy_of(blocks[2].weight))
+    twin = tnn.Sequential(tnn.Conv2d(1, 2, 3, padding=1), tnn.ReLU(), tnn.Conv2d(2, 1, 1), tnn.Flatten()).double()
+    twin.load_state_dict({k.replace("blocks.", ""): v for k, v in model.to_torch_state_dict().items()})
+    x = np.random.default_rng(4).standard_normal((2, 1, 3, 3))
+    np.testing.assert_allclose(model.predict(x), numpy_of(twin(torch.from_numpy(x))), rtol=1e-12, atol=1e-12)
+
+
 def test_checkpoint_of_a_model_compiled_from_a_torch_module(tmp_path):
     """A model compiled from a torch module saves and loads with ``net=`` that module, and the
     loaded model continues exactly (optimizer state included), not from the module's weights."""
