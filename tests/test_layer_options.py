@@ -279,7 +279,6 @@ def test_refused_options_name_layer_and_option(make, message):
     (cnn.Flatten(2, 1), (2, 5, 5), r"end_dim=1 comes before start_dim=2"),
     (cnn.Flatten(-4), (2, 5, 5), r"start_dim=-4 would merge the batch axis"),
     (cnn.Flatten(1, 4), (2, 5, 5), r"not axes of the input"),
-    (cnn.AdaptiveAvgPool2d((7, None)), (2, 5, 5), r"output height 7 is larger than the input's 5"),
     (cnn.MaxPool2d(3, padding=2), (2, 5, 5), r"padding 2 must be at most half the kernel size"),
 ])
 def test_refused_geometries_name_layer_and_option(layer, shape, message):
@@ -300,3 +299,29 @@ def test_flatten_inner_axes_keep_batch_first():
 
     model = cc.compile(Inner(), input_shape=(3, 4, 5), backend="numpy", dtype="float64")
     np.testing.assert_array_equal(model.predict(x), x.reshape(2, -1))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "llvm"])
+@pytest.mark.parametrize("pool,size", [("avg", (2, 4, 5)), ("max", (2, 3, 4))])
+def test_adaptive_pools_larger_than_their_input(backend, pool, size):
+    """An output larger than the input (AlexNet's and VGG's (6, 6)/(7, 7) pools on small images):
+    windows of one or two rows that overlap, as PyTorch; forward, gradients and input gradient."""
+    def build(nn):
+        layer = nn.AdaptiveAvgPool2d((6, 7)) if pool == "avg" else nn.AdaptiveMaxPool2d((5, 7))
+        return nn.Sequential(nn.Conv2d(2, 3, 1), layer, nn.Flatten())
+
+    model = cc.compile(build(cnn), input_shape=size, loss=cnn.MSELoss(), dtype="float64", backend=backend,
+                       input_grad=True)
+    ref = build(torch.nn).double()
+    ref.load_state_dict({k: torch.tensor(v) for k, v in model.state_dict().items()})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, *size))
+    y = rng.standard_normal(model.predict(x).shape)
+    xt = torch.tensor(x, requires_grad=True)
+    out = ref(xt)
+    torch.nn.functional.mse_loss(out, torch.tensor(y)).backward()
+    np.testing.assert_allclose(model.predict(x), out.detach().numpy(), rtol=1e-12, atol=1e-12)
+    _, grads = model.loss_and_grads(x, y)
+    for name, p in ref.named_parameters():
+        np.testing.assert_allclose(grads[name], p.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(model.input_gradient(x, y), xt.grad.numpy(), rtol=1e-10, atol=1e-12)

@@ -171,12 +171,7 @@ class Adaptive(Pool):
         if node.attrs.get("return_indices"):
             raise CompileError(f"{where(node)}: return_indices=True is not supported; use return_indices=False")
         node.attrs["input_hw"] = tuple(shape[2:])
-        out = adaptive_size(node, shape[2:])
-        for h, o, axis in zip(shape[2:], out, ("height", "width")):
-            if o > h:
-                raise ShapeError(f"{where(node)}: output {axis} {o} is larger than the input's {h} "
-                                 f"(input {fmt_shape(shape)}); use a smaller output_size")
-        return (shape[0], shape[1], *out)
+        return (shape[0], shape[1], *adaptive_size(node, shape[2:]))  # (an output larger than the input repeats rows)
 
     @staticmethod
     def uniform(shapes, out_shape) -> bool:
