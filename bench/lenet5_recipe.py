@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
-from cnncompile.data import load_mnist, pad_images
-from cnncompile.train import batches
+from cnncompile.training.data import load_mnist, pad_images
+from cnncompile.training.fit import batches
 
 
 def lenet5(nn):

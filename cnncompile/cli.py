@@ -80,7 +80,7 @@ def load_dataset(spec: dict, data_path):
     if callable(dataset):
         return dataset()
     if dataset == "mnist":
-        from cnncompile.data import load_mnist, pad_images
+        from cnncompile.training.data import load_mnist, pad_images
         try:
             splits = load_mnist(data_path)
         except FileNotFoundError as exc:
@@ -91,10 +91,10 @@ def load_dataset(spec: dict, data_path):
         return {k: (pad_images(v.images, size) if size != 28 else v.images, v.labels) for k, v in splits.items()}
     if dataset == "cifar10":
         if data_path is None:
-            from cnncompile.data import synthetic
+            from cnncompile.training.data import synthetic
             warnings.warn("no --data given for CIFAR-10: training on random images (a smoke run, not CIFAR)")
             return synthetic.random_images((3, 32, 32), 10, n=512)
-        from cnncompile.data.cifar import load_cifar10
+        from cnncompile.training.data.cifar import load_cifar10
         return {k: (v.images, v.labels) for k, v in load_cifar10(data_path).items()}
     raise SystemExit(f"cnncompile: unknown dataset {dataset!r}; use 'mnist', 'cifar10' or a function returning splits")
 
@@ -115,7 +115,7 @@ def cmd_train(args) -> None:
     data = load_dataset(spec, args.data)
     train = data["train"]
     if args.limit:
-        from cnncompile.data.synthetic import take
+        from cnncompile.training.data.synthetic import take
         train = (train[0][: args.limit], take(train[1], slice(0, args.limit)))
     epochs = args.epochs if args.epochs is not None else max(0, spec.get("epochs", 1) - model.epoch)
     batch_size = args.batch_size or spec.get("batch_size", 64)
@@ -219,7 +219,7 @@ def cmd_export(args) -> None:
 def cmd_show(args) -> None:
     """Pictures of a (trained) network: load --checkpoint for trained weights and its history.
     The graph alone needs only the trace, so it compiles no machine code."""
-    from . import show
+    from .training import pictures as show
     spec = load_spec(args.file)
     if not (args.filters or args.curves or args.patches or args.graph):
         raise SystemExit("cnncompile show: choose at least one of --filters, --curves, --patches, --graph (PNG paths)")

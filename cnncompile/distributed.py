@@ -327,7 +327,7 @@ class Reducer:
     # ----- training ----------------------------------------------------------------------------
     def global_step(self, model, x, y):
         """``train_step`` on a global batch that every rank holds: each rank uses its rows."""
-        from cnncompile.data.synthetic import take
+        from cnncompile.training.data.synthetic import take
         x = validate.as_batch(x, model.input_shape, model.dtype)
         part = self.rows(len(x))
         return self.step(model, x[part], take(y, part), len(x))
@@ -409,7 +409,7 @@ class Reducer:
     def augment(self, augment, x, y, rng, total: int):
         """This rank's rows of the augmented global batch: the maps are drawn for all ``total``
         examples (as one process draws them) and only this rank's are applied."""
-        from .augment import move_points, warp
+        from .training.augment import move_points, warp
         if not hasattr(augment, "matrices"):
             raise ValueError(f"distributed training draws each example's augmentation from the global batch's "
                              f"draws, which needs a cc.Augment (an object with .matrices(n, height, width, rng)); "
@@ -422,7 +422,7 @@ class Reducer:
     def evaluate(self, model, x, y, batch_size: int = 256) -> dict:
         """Loss and accuracy (eval mode) of the whole set: each rank evaluates its block of rows,
         the sums are added up over the ranks."""
-        from cnncompile.data.synthetic import take
+        from cnncompile.training.data.synthetic import take
         batch_size = validate.batch_size(batch_size, "evaluate")
         x = validate.as_batch(x, model.input_shape, model.dtype)
         y = validate.targets(y, model.heads)

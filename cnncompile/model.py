@@ -254,7 +254,7 @@ class Model:
 
     def evaluate(self, x, y, batch_size: int = 256) -> dict:
         """Loss and (for a classifier) accuracy in eval mode, in chunks of ``batch_size``."""
-        from cnncompile.data.synthetic import take
+        from cnncompile.training.data.synthetic import take
         if self.distributed is not None:  # each rank evaluates its rows, the sums are added up
             return self.distributed.evaluate(self, x, y, batch_size)
         batch_size = validate.batch_size(batch_size, "evaluate")
@@ -355,15 +355,15 @@ class Model:
     def fit(self, train, epochs: int = 1, batch_size: int = 64, validation=None, callbacks=(), seed: int = 0,
             verbose=True, augment=None, nan_guard=None):
         """Train on ``train = (x, y)`` for ``epochs`` more epochs; returns the history (loss, accuracy,
-        val_loss, val_accuracy, lr, seconds per epoch). See `cnncompile.train.fit`."""
-        from .train import fit
+        val_loss, val_accuracy, lr, seconds per epoch). See `cnncompile.training.fit.fit`."""
+        from .training.fit import fit
         return fit(self, train, epochs, batch_size, validation, callbacks, seed, verbose, augment,
                    nan_guard=nan_guard)
 
     def save(self, path) -> None:
         """Checkpoint: weights, optimizer and schedule state, epoch, RNG counters, the network.
         Distributed, rank 0 alone writes (every rank holds the same state)."""
-        from .checkpoint import save
+        from .training.checkpoint import save
         if self.distributed is not None and self.distributed.rank != 0:
             return
         save(self, path)
@@ -375,7 +375,7 @@ class Model:
 
     def graph(self, path=None) -> str:
         """The graph IR as DOT text; with ``path`` also written there (``.png`` draws it, else DOT)."""
-        from . import show
+        from .training import pictures as show
         dot = show.graph_dot(self)
         if path is not None:
             if str(path).endswith(".png"):

@@ -7,7 +7,7 @@ step and check the compiled code (point --data at your own loader to really trai
     cnncompile train examples/alexnet.py --epochs 1 --batch-size 8
 """
 from cnncompile import nn, optim
-from cnncompile.data import synthetic
+from cnncompile.training.data import synthetic
 
 net = nn.Sequential(
     nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(), nn.MaxPool2d(3, stride=2),

@@ -1,12 +1,12 @@
 """Classification + localization, the lecture's multi-task head: one convolutional trunk, a
 class head (which shape: square, disc, triangle) trained with cross-entropy, and a box head (its
 bounding box as 8 corner coordinates in [0, 1]) trained with L2; the loss is their weighted sum.
-Data: generated shapes (cnncompile.data.synthetic.shapes).
+Data: generated shapes (cnncompile.training.data.synthetic.shapes).
 
     cnncompile train examples/bbox.py
 """
 from cnncompile import nn, optim
-from cnncompile.data import synthetic
+from cnncompile.training.data import synthetic
 
 F = nn.functional
 

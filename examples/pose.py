@@ -1,13 +1,13 @@
 """Pose estimation as regression: the (x, y) of 7 joints of a stick figure (head, neck, hip,
 hands, feet), 14 outputs trained with L2, as in the lecture's keypoint example.
-Data: generated stick figures (cnncompile.data.synthetic.stick_figures).
+Data: generated stick figures (cnncompile.training.data.synthetic.stick_figures).
 
     cnncompile train examples/pose.py
 """
 import numpy as np
 
 from cnncompile import nn, optim
-from cnncompile.data import synthetic
+from cnncompile.training.data import synthetic
 
 net = nn.Sequential(
     nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),

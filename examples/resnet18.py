@@ -8,7 +8,7 @@ import os
 import sys
 
 from cnncompile import nn, optim
-from cnncompile.data import synthetic
+from cnncompile.training.data import synthetic
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from resnet20 import BasicBlock  # noqa: E402  (the same block as ResNet-20's)

@@ -8,7 +8,7 @@ import pytest
 
 import cnncompile as cc
 from cnncompile import nn
-from cnncompile.callbacks import CSVLogger, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, StepLR
+from cnncompile.training.callbacks import CSVLogger, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, StepLR
 
 rng = np.random.default_rng(0)
 X = rng.standard_normal((48, 1, 8, 8)).astype(np.float32)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import cnncompile as cc
-from cnncompile import checkpoint, nn
+from cnncompile import nn
+from cnncompile.training import checkpoint
 
 
 def tiny_net():

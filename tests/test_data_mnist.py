@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from cnncompile.data import load_mnist, pad_images, read_idx
-from cnncompile.train import batches
+from cnncompile.training.data import load_mnist, pad_images, read_idx
+from cnncompile.training.fit import batches
 
 
 def idx_bytes(array: np.ndarray, code=0x08) -> bytes:
@@ -106,7 +106,7 @@ def test_pad_and_batches():
 def test_cifar10_python_batches(tmp_path):
     import pickle
 
-    from cnncompile.data.cifar import load_cifar10
+    from cnncompile.training.data.cifar import load_cifar10
     rng = np.random.default_rng(0)
     raw = {}
     for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
@@ -119,7 +119,7 @@ def test_cifar10_python_batches(tmp_path):
     assert splits["train"].images.shape == (90, 3, 32, 32) and splits["val"].images.shape == (10, 3, 32, 32)
     assert splits["test"].images.dtype == np.float32 and len(splits["test"]) == 20
     first = raw["data_batch_1"][0][0].reshape(3, 32, 32) / 255.0
-    from cnncompile.data.cifar import MEAN, STD
+    from cnncompile.training.data.cifar import MEAN, STD
     np.testing.assert_allclose(splits["train"].images[0], (first - MEAN) / STD, rtol=1e-5)
     assert list(splits["val"].labels) == raw["data_batch_5"][1][10:]
     (tmp_path / "data_batch_3").write_bytes(b"garbage")

@@ -12,7 +12,7 @@ import pytest
 
 import cnncompile as cc
 from cnncompile import nn
-from cnncompile.train import batch_rows
+from cnncompile.training.fit import batch_rows
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "mpi_scripts" / "train.py"

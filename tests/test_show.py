@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import cnncompile as cc
-from cnncompile import nn, show
+from cnncompile import nn
+from cnncompile.training import pictures as show
 from cnncompile.summary import receptive_fields
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -7,8 +7,8 @@ import pytest
 
 import cnncompile as cc
 from cnncompile import nn
-from cnncompile.augment import Augment, compose, warp
-from cnncompile.callbacks import CSVLogger, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, StepLR
+from cnncompile.training.augment import Augment, compose, warp
+from cnncompile.training.callbacks import CSVLogger, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, StepLR
 
 rng = np.random.default_rng(0)
 X = rng.standard_normal((96, 1, 8, 8)).astype(np.float32)
@@ -228,7 +228,7 @@ def test_quarter_turn_and_flips_are_exact():
 
 
 def test_rotated_box_is_its_rotated_corners():
-    from cnncompile.data import synthetic
+    from cnncompile.training.data import synthetic
     data = synthetic.shapes(n=20, seed=3)["train"]
     x, y = data[0][:4], {k: v[:4] for k, v in data[1].items()}
     augment = Augment(rotation=30, points=("box",))

@@ -262,7 +262,7 @@ def test_cli_uses_the_network_file_given_and_refuses_another_networks_checkpoint
 def test_meta_naming_a_non_loss_class_is_refused(tmp_path):
     """A crafted meta.json (with a fresh, valid manifest) cannot make load call other classes."""
     import json
-    from cnncompile import checkpoint
+    from cnncompile.training import checkpoint
     _, path, _ = saved_with_source(tmp_path)
     meta, arrays = checkpoint.read(path)
     for field, value, message in [("loss", {"__loss__": "Sequential", "args": {}}, "unknown loss"),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import diskcache
+from .. import diskcache
 
 FORMAT, VERSION = "cnncompile-checkpoint", 2
 META, MANIFEST = "meta.json", "manifest.json"

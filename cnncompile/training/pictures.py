@@ -183,7 +183,7 @@ def top_patches(model, layer: str, channel: int, images: np.ndarray, top: int = 
     """The ``top`` strongest activations of ``channel`` at ``layer`` over ``images`` and the input
     patch each one sees: its receptive field (size, jump, start from `summary`), zero-padded at
     the border. Returns a list of (activation, image index, row, column, patch)."""
-    from .summary import receptive_fields
+    from ..summary import receptive_fields
     graph = model.tracer.graph
     node = next((n for n in graph.ops if n.name == layer), None)
     if node is None:

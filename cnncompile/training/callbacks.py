@@ -255,5 +255,5 @@ class CurvesPNG(Callback):
         self.path = str(path)
 
     def on_epoch_end(self, model, epoch, logs):
-        from .show import save_curves
+        from .pictures import save_curves
         save_curves(model.history, self.path)

@@ -7,7 +7,7 @@ corners, keypoints) go through the matrix itself, so they stay on what they mark
 
 Coordinates are in pixels with pixel (row i, column j) centred at (j + ½, i + ½); targets
 named in ``points`` hold (x, y) pairs divided by the image width and height (as
-`cnncompile.data.synthetic` makes them).
+`cnncompile.training.data.synthetic` makes them).
 """
 from __future__ import annotations
 

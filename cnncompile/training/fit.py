@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 
-from cnncompile.data.synthetic import take
+from .data.synthetic import take
 
-from . import validate
+from .. import validate
 
 
 def batch_rows(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True):
