@@ -11,38 +11,30 @@ import llvmlite.binding as llvm
 
 from cnncompile import diskcache
 
+from .target import Target, host, resolve
+
 OBJECT_FORMAT = "object-1"
 _lock = threading.Lock()
 _engine = None
-_target_machine = None
+_target_machines: dict = {}  # (cpu, features) → target machine
 
 
-def host_features() -> str:
-    """The host's features, with 512-bit vectors off (CNNCOMPILE_AVX512=1 keeps them): our loops
-    have short trip counts (kernel rows, feature-map rows) that 16-wide vectors mostly leave to
-    scalar remainders; 8-wide ymm code covers them (measured on Zen 4: see README)."""
-    features = llvm.get_host_cpu_features()
-    if os.environ.get("CNNCOMPILE_AVX512") != "1":
-        for name in list(features):
-            if name.startswith("avx512") or name in ("evex512", "avx10.1-512"):
-                features[name] = False
-    return features.flatten()
-
-
-def new_target_machine():
-    """A target machine for this host's CPU and features (see `host_features`), at O3: the one
-    place one is made."""
+def new_target_machine(t: Target | None = None):
+    """A target machine for ``t``'s CPU and features (default: the resolved target, see
+    `target.resolve`), at O3: the one place one is made."""
+    t = resolve(t)
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     return llvm.Target.from_default_triple().create_target_machine(
-        cpu=llvm.get_host_cpu_name(), features=host_features(), opt=3, codemodel="jitdefault")
+        cpu=t.cpu, features=t.features, opt=3, codemodel="jitdefault")
 
 
-def target():
-    global _target_machine
-    if _target_machine is None:
-        _target_machine = new_target_machine()
-    return _target_machine
+def target(t: Target | None = None):
+    """The process's target machine for ``t`` (one per CPU and feature set)."""
+    t = resolve(t)
+    if (t.cpu, t.features) not in _target_machines:
+        _target_machines[(t.cpu, t.features)] = new_target_machine(t)
+    return _target_machines[(t.cpu, t.features)]
 
 
 def engine():
@@ -50,21 +42,22 @@ def engine():
     global _engine
     with _lock:
         if _engine is None:
-            _engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), new_target_machine())
+            _engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), new_target_machine(host()))
         return _engine
 
 
-def fingerprint(ir_text: str) -> str:
+def fingerprint(ir_text: str, t: Target | None = None) -> str:
+    """The object code's key: the IR, LLVM's version and the target it is compiled for."""
     h = hashlib.sha256()
-    for part in (ir_text, llvmlite.__version__, str(llvm.llvm_version_info), llvm.get_host_cpu_name(),
-                 host_features(), "O3+loop+slp-interleave"):
+    for part in (ir_text, llvmlite.__version__, str(llvm.llvm_version_info), resolve(t).key(),
+                 "O3+loop+slp-interleave"):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
 
 
-def optimize(module) -> None:
-    tm = target()
+def optimize(module, t: Target | None = None) -> None:
+    tm = target(t)
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     pto.loop_vectorization = True
     pto.slp_vectorization = True
@@ -93,46 +86,49 @@ def write_cache(key: str, data: bytes) -> None:
     diskcache.write(f"{key}.o", entry_header(key) + data)
 
 
-def compile_part(ir_text: str) -> bytes:
-    """One module to object code, in an LLVM context of its own."""
+def compile_part(ir_text: str, t: Target | None = None) -> bytes:
+    """One module to object code for ``t``, in an LLVM context of its own."""
     context = llvm.create_context()
     module = llvm.parse_assembly(ir_text, context=context)
     module.verify()
-    optimize(module)
-    return target().emit_object(module)
+    optimize(module, t)
+    return target(t).emit_object(module)
 
 
 def compile_workers() -> int:
     return max(1, min(2, len(os.sched_getaffinity(0))))
 
 
-def compile_parts(parts: list[str]) -> list[bytes]:
+def compile_parts(parts: list[str], t: Target | None = None) -> list[bytes]:
     """Object code for each part. llvmlite serialises every call into LLVM behind one lock, so
     threads cannot overlap; the other parts go to forked processes (which inherit the loaded
     LLVM and need no imports) while this one compiles the first."""
+    t = resolve(t)
     if len(parts) <= 1 or compile_workers() == 1:
-        return [compile_part(p) for p in parts]
+        return [compile_part(p, t) for p in parts]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(min(len(parts) - 1, compile_workers() - 1),
                              mp_context=multiprocessing.get_context("fork")) as pool:
-        others = pool.map(compile_part, parts[1:])
-        first = compile_part(parts[0])
+        others = pool.map(compile_part, parts[1:], [t] * (len(parts) - 1))
+        first = compile_part(parts[0], t)
         return [first, *others]
 
 
 class Compiled:
-    """Machine code for one program (one or several modules), loaded into the process's engine."""
+    """Machine code for one program (one or several modules) compiled for one target, loaded
+    into the process's engine."""
 
-    def __init__(self, ir_parts, use_cache: bool = True):
+    def __init__(self, ir_parts, use_cache: bool = True, t: Target | None = None):
+        self.target = t = resolve(t)
         parts = [ir_parts] if isinstance(ir_parts, str) else list(ir_parts)
         self.ir_text = "\n".join(parts)
-        self.key = fingerprint(self.ir_text)
-        keys = [fingerprint(p) for p in parts]
+        self.key = fingerprint(self.ir_text, t)
+        keys = [fingerprint(p, t) for p in parts]
         objects = [read_cache(k) if use_cache else None for k in keys]
-        target()  # LLVM's targets initialised once, before any fork
+        target(t)  # LLVM's targets initialised once, before any fork
         missing = [j for j, o in enumerate(objects) if o is None]
-        for j, obj in zip(missing, compile_parts([parts[j] for j in missing])):
+        for j, obj in zip(missing, compile_parts([parts[j] for j in missing], t)):
             objects[j] = obj
             if use_cache:
                 write_cache(keys[j], obj)
@@ -143,7 +139,7 @@ class Compiled:
                 try:
                     eng.add_object_file(llvm.ObjectFileRef.from_data(obj))
                 except Exception:  # noqa: BLE001 - a foreign or damaged entry is a miss
-                    objects[j] = compile_part(parts[j])
+                    objects[j] = compile_part(parts[j], t)
                     eng.add_object_file(llvm.ObjectFileRef.from_data(objects[j]))
                     if use_cache:
                         write_cache(keys[j], objects[j])
@@ -160,6 +156,6 @@ class Compiled:
         out = []
         for part in self.parts:
             module = llvm.parse_assembly(part)
-            optimize(module)
-            out.append(target().emit_assembly(module))
+            optimize(module, self.target)
+            out.append(target(self.target).emit_assembly(module))
         return "\n".join(out)
