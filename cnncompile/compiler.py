@@ -140,10 +140,11 @@ def backend_class(backend):
         raise CompileError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "llvm":
         try:
-            from cnncompile.backends.llvm.program import LLVMExecutable
+            import llvmlite.binding  # noqa: F401 - only llvmlite itself failing to load means "no LLVM here"
         except ImportError as exc:  # llvmlite missing or unloadable: NumPy runs the same stages
             warnings.warn(f"llvmlite cannot be loaded ({exc}); using the NumPy backend", RuntimeWarning)
-        else:
+        else:  # a broken module of our own is an error, never a silent switch of backend
+            from cnncompile.backends.llvm.program import LLVMExecutable
             return LLVMExecutable
     from cnncompile.backends.numpy.program import NumpyExecutable
     return NumpyExecutable
