@@ -12,6 +12,7 @@ For a stage ``out[g(I)] = combine_R body`` and each read ``T[f(I, R)]`` in ``bod
 """
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from math import gcd
 
@@ -19,6 +20,7 @@ import sympy
 
 from .affine import Affine, Box, Divides, extended_gcd
 from .errors import CompileError
+from .canonical import fingerprint, relabel, tensor_names
 from .expr import Program, Stage, TensorSpec, read, tensor_of, var
 
 FRESH = ("u", "v", "w", "p", "q", "r", "s")
@@ -62,34 +64,61 @@ def derive(prog: Program, wrt: list[str], mode: str = "train", read_rule=None) -
     return out
 
 
-_memo: dict = {}
+MEMO = os.environ.get("CNNCOMPILE_DERIVE_MEMO", "1") != "0"  # off: every read derived afresh (to compare)
+MEMO_LIMIT = 20000  # entries per table before it is emptied (a long session of many networks)
+_transposed: dict = {}  # canonical (stage, read) → (its names in order, the stages derived for it)
+_derivatives: dict = {}  # a body with its reads as placeholders, the read → (placeholders, ∂body/∂read)
 
 
 def derive_read(stage: Stage, r: sympy.Indexed, accumulate: bool, shape: tuple) -> list[Stage]:
-    """Memoized by the stage's shape with tensor names abstracted: one conv geometry derives once."""
-    names = sorted({tensor_of(x) for x in stage.body.atoms(sympy.Indexed)} | {stage.out} | set(stage.argmax))
-    canon = {n: f"T{k}" for k, n in enumerate(names)}
-    back = {v: k for k, v in canon.items()} | {grad_name(v): grad_name(k) for k, v in canon.items()}
-    key = (rename_stage(stage, canon).with_(layer=""), rename(r, canon), accumulate, shape)
-    if key not in _memo:
-        _memo[key] = transpose(*key)
-    return [rename_stage(s, back).with_(layer=stage.layer, wrt=str(r)) for s in _memo[key]]
+    """`transpose`, done once per canonical form: a stage that differs from one already derived
+    only in its tensors' names (with their order kept) gets that one's stages with the names
+    replaced, as a derivation of its own would give them."""
+    if not MEMO:
+        return transpose(stage, r, accumulate, shape)
+    key, names = transpose_key(stage, r, accumulate, shape)
+    hit = _transposed.get(key)
+    if hit is None:
+        stages = transpose(stage, r, accumulate, shape)
+        remember(_transposed, key, (names, stages))
+        return stages
+    template, stages = hit
+    renamed = {old: new for old, new in zip(template, names) if old != new}
+    return [relabel_stage(s, renamed).with_(layer=stage.layer, wrt=str(r)) for s in stages]
 
 
-def rename(expr, mapping: dict):
-    bases = {b: sympy.IndexedBase(mapping[str(b.label)]) for b in expr.atoms(sympy.IndexedBase)
-             if str(b.label) in mapping}
-    return expr.xreplace(bases)
+def transpose_key(stage: Stage, r, accumulate: bool, shape: tuple) -> tuple[tuple, list[str]]:
+    """The stage and read with tensor names replaced by their ranks among every name the
+    derivation can write (the stage's tensors and their gradients), and those names in order."""
+    tensors = tensor_names(stage.body) | {stage.out} | set(stage.argmax)
+    names = sorted(tensors | {grad_name(t) for t in tensors})
+    rank = {n: k for k, n in enumerate(names)}
+
+    def token(x):
+        return rank[x.base.label.name], tuple(fingerprint(i, token) for i in x.indices)
+
+    pattern = tuple((rank[t], rank[grad_name(t)]) for t in sorted(tensors))
+    fields = (stage.out_index, stage.domain, stage.reduce, stage.combine, stage.constraints, stage.guards,
+              stage.accumulate, stage.differentiable, stage.role, stage.note, stage.mode, stage.lanes,
+              stage.packed, rank[stage.out], tuple(rank[a] for a in stage.argmax))
+    return (pattern, fields, fingerprint(stage.body, token), token(r), accumulate, shape), names
 
 
-def rename_stage(s: Stage, mapping: dict) -> Stage:
-    return s.with_(out=mapping.get(s.out, s.out), body=rename(s.body, mapping),
-                   argmax=tuple(mapping.get(a, a) for a in s.argmax))
+def remember(table: dict, key, value) -> None:
+    if len(table) >= MEMO_LIMIT:
+        table.clear()
+    table[key] = value
+
+
+def relabel_stage(s: Stage, names: dict) -> Stage:
+    """``s`` with tensors renamed (``names``: old → new)."""
+    return s.with_(out=names.get(s.out, s.out), body=relabel(s.body, names),
+                   argmax=tuple(names.get(a, a) for a in s.argmax))
 
 
 def local_derivative(stage: Stage, r: sympy.Indexed):
-    reals = {x: sympy.Dummy(f"r{k}", real=True) for k, x in enumerate(stage.reads())}  # tensors hold reals
-    d = sympy.diff(stage.body.xreplace(reals), reals[r]).xreplace({v: k for k, v in reals.items()})
+    reads = stage.reads()
+    d = body_derivative(stage.body, reads, reads.index(r))
     out_read = read(stage.out, *(e.to_sympy() for e in stage.out_index))
     if stage.combine == "max":
         if len(stage.argmax) != len(stage.reduce):  # zip would drop the routing: a sum over the window
@@ -102,6 +131,30 @@ def local_derivative(stage: Stage, r: sympy.Indexed):
     elif stage.combine is None and stage.body.has(sympy.Function):
         d = d.xreplace({stage.body: out_read})  # f'(z) in terms of f(z): σ(1−σ), 1−tanh², e^z
     return d
+
+
+def body_derivative(body, reads: list, k: int):
+    """∂body/∂reads[k], reads taken as real numbers (tensors hold reals). sympy differentiates
+    with the reads as placeholders; the placeholder form is shared by every body that differs
+    only in what it reads, so it is differentiated once."""
+    if not MEMO:
+        return placeholder_derivative(body, reads, k)
+    position = {x: j for j, x in enumerate(reads)}
+    key = (fingerprint(body, position.__getitem__), k)
+    hit = _derivatives.get(key)
+    if hit is None:
+        hit = placeholder_derivative(body, reads, k, keep=True)
+        remember(_derivatives, key, hit)
+    placeholders, d = hit
+    return d.xreplace(dict(zip(placeholders, reads)))
+
+
+def placeholder_derivative(body, reads: list, k: int, keep: bool = False):
+    """The derivative with the reads put back, or (``keep``) the placeholders and the derivative
+    in them."""
+    reals = [sympy.Dummy(f"r{j}", real=True) for j in range(len(reads))]
+    d = sympy.diff(body.xreplace(dict(zip(reads, reals))), reals[k])
+    return (tuple(reals), d) if keep else d.xreplace(dict(zip(reals, reads)))
 
 
 def transpose(stage: Stage, r: sympy.Indexed, accumulate: bool, shape: tuple) -> list[Stage]:

@@ -82,7 +82,7 @@ class Stage:
 
 
 def tensor_of(r: sympy.Indexed) -> str:
-    return str(r.base.label)
+    return r.base.label.name
 
 
 BATCH_LAST = "B-1"  # the last batch index, known only at run time
