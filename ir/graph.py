@@ -1,12 +1,11 @@
-"""The graph IR: a networkx DiGraph of tensors and ops, with every shape inferred and checked.
+"""The graph IR: tensors and ops with every shape inferred and checked (a networkx DiGraph on demand).
 
 Tracing a network adds ops here one at a time; each is shape-checked on arrival, so an error
 names the first layer that does not fit. Lowering walks the ops in order and collects their
-forward stages.
+forward stages. The networkx view (``graph.nx``, what pictures and passes walk) is built from the
+ops when first asked for, so tracing a network for a warm start never imports networkx.
 """
 from __future__ import annotations
-
-import networkx as nx
 
 from .errors import CompileError
 from .expr import Program, Stage, TensorSpec
@@ -15,9 +14,10 @@ from .ops import OPS, OpNode
 
 class Graph:
     def __init__(self):
-        self.nx = nx.DiGraph()
+        self._nx = None  # the networkx view, built on first use (`nx`)
         self.tensors: dict[str, TensorSpec] = {}
         self.ops: list[OpNode] = []
+        self.op_names: set[str] = set()
         self.inputs: list[str] = []
         self.params: list[str] = []  # trained parameters, in state_dict order
         self.buffers: list[str] = []  # saved, not trained (running statistics)
@@ -28,7 +28,7 @@ class Graph:
         if name in self.tensors:
             raise CompileError(f"tensor name {name!r} is used twice")
         self.tensors[name] = TensorSpec(name, tuple(shape), role, dtype)
-        self.nx.add_node(name, kind="tensor", shape=tuple(shape), role=role)
+        self._nx = None
         return name
 
     def add_input(self, name: str, shape: tuple, role: str = "input", dtype: str = "float") -> str:
@@ -46,9 +46,9 @@ class Graph:
         if node.kind not in OPS:
             raise CompileError(f"layer '{node.name}' ({node.type}) has no definition in the compiler")
         op = OPS[node.kind]
-        if node.name in self.nx:
+        if self.taken(node.name):
             k = 2
-            while f"{node.name}#{k}" in self.nx:
+            while self.taken(f"{node.name}#{k}"):
                 k += 1
             node.name = f"{node.name}#{k}"
         shapes = [self.shape(t) for t in node.inputs]
@@ -67,13 +67,33 @@ class Graph:
             self.noise[node.params[local]] = float(node.attrs.get("p", 0.5))
         node.output = self.add_tensor(f"{node.name}.out", out_shape, role)
         self.ops.append(node)
-        self.nx.add_node(node.name, kind="op", op=node)
-        for pos, t in enumerate(node.inputs):
-            self.nx.add_edge(t, node.name, position=pos)
-        for t in node.params.values():
-            self.nx.add_edge(t, node.name, position="param")
-        self.nx.add_edge(node.name, node.output)
+        self.op_names.add(node.name)
+        self._nx = None
         return node.output
+
+    def taken(self, name: str) -> bool:
+        """Whether ``name`` already names an op or a tensor (the graph's nodes share one namespace)."""
+        return name in self.tensors or name in self.op_names
+
+    @property
+    def nx(self):
+        """The graph as a networkx DiGraph: tensor and op nodes, edges from inputs and parameters to
+        each op (``position``: the input's place, or "param") and from each op to its output."""
+        if self._nx is None:
+            import networkx
+
+            g = networkx.DiGraph()
+            for spec in self.tensors.values():
+                g.add_node(spec.name, kind="tensor", shape=tuple(spec.shape), role=spec.role)
+            for node in self.ops:
+                g.add_node(node.name, kind="op", op=node)
+                for pos, t in enumerate(node.inputs):
+                    g.add_edge(t, node.name, position=pos)
+                for t in node.params.values():
+                    g.add_edge(t, node.name, position="param")
+                g.add_edge(node.name, node.output)
+            self._nx = g
+        return self._nx
 
     def lower(self, outputs: list[str], loss: str = "") -> Program:
         """Forward stages of every op, split into the network's part and the loss's part."""
