@@ -8,6 +8,7 @@ arithmetic keeps derivations fast and free of sympy's general solvers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from fractions import Fraction
 from math import ceil, floor, gcd
 
@@ -37,17 +38,7 @@ class Affine:
     @staticmethod
     def from_sympy(expr) -> "Affine":
         """Read an affine sympy expression; anything else is a compile error upstream."""
-        expr = sympy.expand(sympy.sympify(expr))
-        coeffs, const = {}, Fraction(0)
-        for term in sympy.Add.make_args(expr):
-            c, rest = term.as_coeff_Mul()
-            if rest == 1:
-                const += Fraction(int(c.p), int(c.q))
-            elif isinstance(rest, sympy.Symbol) and c.is_Rational:
-                coeffs[rest.name] = coeffs.get(rest.name, 0) + Fraction(int(c.p), int(c.q))
-            else:
-                raise ValueError(f"index {expr} is not affine in the loop variables")
-        return Affine.make(coeffs, const)
+        return _affine_of(expr)
 
     @property
     def cmap(self) -> dict:
@@ -158,3 +149,20 @@ def extended_gcd(a: int, b: int) -> tuple[int, int, int]:
         return (abs(a), (1 if a >= 0 else -1), 0)
     g, x, y = extended_gcd(b, a % b)
     return g, y, x - (a // b) * y
+
+
+@lru_cache(maxsize=1 << 16)
+def _affine_of(expr) -> Affine:
+    """`Affine.from_sympy`, memoized: the code generator reads the same few index expressions tens of
+    thousands of times, and sympy expressions and `Affine` values are both immutable."""
+    expr = sympy.expand(sympy.sympify(expr))
+    coeffs, const = {}, Fraction(0)
+    for term in sympy.Add.make_args(expr):
+        c, rest = term.as_coeff_Mul()
+        if rest == 1:
+            const += Fraction(int(c.p), int(c.q))
+        elif isinstance(rest, sympy.Symbol) and c.is_Rational:
+            coeffs[rest.name] = coeffs.get(rest.name, 0) + Fraction(int(c.p), int(c.q))
+        else:
+            raise ValueError(f"index {expr} is not affine in the loop variables")
+    return Affine.make(coeffs, const)
