@@ -3,8 +3,8 @@
 
 Generating and compiling machine code is what costs a first ``cc.compile`` its seconds (37 s for
 ResNet-18); a table of shapes needs only the trace, and the formulas only the derivation. The
-program is derived on first use (a stored warm-start entry of the same network is used instead,
-where one exists), so ``summary`` never derives at all.
+program is derived on first use, so ``summary`` never derives at all; no backend is imported (the
+derivation, memoized per canonical stage in `ir.autodiff`, takes less than importing one would).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class Derivation:
     @property
     def prog(self):
         if self._prog is None:
-            self._prog = self.cached_program() or self.derive()
+            self._prog = self.derive()
         return self._prog
 
     def derive(self):
@@ -37,26 +37,12 @@ class Derivation:
         outputs = [t.name for _, t in self.heads]
         return build_program(self.tracer, outputs, self.targets, self.loss_name, self.loss, self.optimizer)
 
-    def cached_program(self):
-        """The program a ``cc.compile`` of this network stored (the same key), or None."""
-        from . import program_cache
-        from .compiler import backend_class
-        try:
-            cls = backend_class(self.backend)
-            name = program_cache.key(self.tracer.graph, [t.name for _, t in self.heads], self.loss_name,
-                                     self.optimizer, cls.name, self.dtype, cls.codegen_options())
-        except Exception:  # noqa: BLE001 - no usable backend to key on: derive instead
-            return None
-        entry = program_cache.load(name)
-        return entry["prog"] if entry is not None and "prog" in entry else None
-
     def layer_program(self, layer: str):
         """The program with only ``layer``'s backward stages derived (what `explain` of one layer
         prints): the derivation walks every stage as `derive` does, but transposes only that
         layer's reads; another layer's read only tells, cheaply, whether it contributes a gradient
         (which decides whether a later gradient is ``=`` or ``+=``). The whole program where one
-        is at hand already (the warm-start store is not looked up: its key needs the LLVM backend
-        imported, which takes longer than this derivation)."""
+        is at hand already."""
         if self._prog is not None:
             return self._prog
         prog = self.tracer.graph.lower([t.name for _, t in self.heads], self.loss_name)

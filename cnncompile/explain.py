@@ -15,13 +15,16 @@ elementwise stages, whose loop variables are e0, e1, ..., print with the layer's
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import sympy
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
+from cnncompile.ir import autodiff
 from cnncompile.ir.affine import Affine
 from cnncompile.ir.autodiff import derive_read, grad_name
+from cnncompile.ir.canonical import fingerprint, name_ranks, tensor_names
 from cnncompile.ir.errors import CompileError
 from cnncompile.ir.expr import BATCH, Stage, tensor_of, var_bounds
 
@@ -143,6 +146,17 @@ class Names:
             return text
         return f"\\frac{{\\partial \\mathrm{{Div}}}}{{\\partial {text}}}" if self.latex else f"dDiv/d{text}"
 
+    def signature(self, tensor: str) -> tuple:
+        """Everything `read` and `tensor` print of ``tensor`` depends on (two tensors with equal
+        signatures print alike)."""
+        base, grad = self.split_grad(tensor)
+        spec = self.prog.tensors.get(base)
+        one = spec is not None and tuple(spec.shape) == (1,)
+        return (grad, self.batched(base), one, self.lecture.get(base), self.short.get(base, base), self.tensor(tensor))
+
+    def config(self) -> tuple:
+        return type(self), self.latex, self.notation, self.per_example
+
     def tensor(self, tensor: str) -> str:
         """A tensor's name alone (for notes: "records Pᵢ, Pⱼ")."""
         if self.notation == "lecture" and tensor in self.lecture:
@@ -200,7 +214,7 @@ def lecture_names(layer: str, node, prog) -> dict[str, tuple[str, str, bool]]:
 def index_text(e, order: list[str], rename: dict, compact: bool, latex: bool, fallback) -> str:
     """An affine index with its terms in the stage's loop order (x + i, u - x), constant last."""
     try:
-        a = e if isinstance(e, Affine) else Affine.from_sympy(e)
+        a = e if isinstance(e, Affine) else affine_of(e)
     except (ValueError, TypeError, AttributeError):
         return fallback(e)
     if any(c.denominator != 1 for _, c in a.coeffs) or a.const.denominator != 1:
@@ -219,6 +233,12 @@ def index_text(e, order: list[str], rename: dict, compact: bool, latex: bool, fa
     return out
 
 
+@lru_cache(maxsize=4096)
+def affine_of(e) -> Affine:
+    """`Affine.from_sympy`, once per index expression (a network prints the same few thousand)."""
+    return Affine.from_sympy(e)
+
+
 class _Common:
     """What the Unicode and LaTeX printers share: reads through `Names`, ReLU as max(0, x), its
     derivative as the indicator [x > 0], elementwise variables renamed."""
@@ -231,13 +251,13 @@ class _Common:
 
     def doprint(self, expr):
         """Reads relabelled first so that sympy orders a product's factors by their printed names."""
-        bases = {b: sympy.IndexedBase(self.names.read(str(b.label), []) + SEP + str(b.label))
+        bases = {b: sympy.IndexedBase(self.names.read(b.label.name, []) + SEP + b.label.name)
                  for b in expr.atoms(sympy.IndexedBase)} if isinstance(expr, sympy.Basic) else {}
         return super().doprint(expr.xreplace(bases) if bases else expr)
 
     def _print(self, expr, **kwargs):
         if isinstance(expr, sympy.Indexed):  # (before sympy's own Indexed._sympystr)
-            tensor = str(expr.base.label).split(SEP)[-1]
+            tensor = expr.base.label.name.split(SEP)[-1]
             return self.names.read(tensor, [self.index(i) for i in expr.indices])
         return super()._print(expr, **kwargs)
 
@@ -426,10 +446,41 @@ def as_index(e):
     return e.to_sympy() if hasattr(e, "to_sympy") else e
 
 
+_printed: dict = {}  # a stage's print key → its line (see `print_key`)
+
+
 def format_stage(stage: Stage, names, latex: bool = False) -> str:
-    """One stage as a line: ``out[index] = Σ_{v=lo..hi} ... body`` with its mode, guards and notes."""
+    """One stage as a line: ``out[index] = Σ_{v=lo..hi} ... body`` with its mode, guards and notes.
+    Printed once per print key: ResNet's blocks repeat the same lines under other tensor names."""
     if not isinstance(names, Names):
         names = PlainNames(names, latex)
+    if not autodiff.MEMO:
+        return render_stage(stage, names)
+    key = print_key(stage, names, stage.body)
+    line = _printed.get(key)
+    if line is None:
+        line = render_stage(stage, names)
+        autodiff.remember(_printed, key, line)
+    return line
+
+
+def print_key(stage: Stage, names: Names, expr) -> tuple:
+    """What printing ``expr`` in ``stage`` depends on: the notation, the stage's fields but its
+    layer, and ``expr`` with each tensor replaced by its signature (`Names.signature`) and the
+    rank of the name sympy orders products by (`_Common.doprint`)."""
+    tensors = tensor_names(expr) | {stage.out} | set(stage.argmax)
+    rank = name_ranks(names.read(t, []) + SEP + t for t in tensors)
+    sign = {t: (rank[names.read(t, []) + SEP + t], names.signature(t)) for t in tensors}
+
+    def token(x):
+        return sign[x.base.label.name], tuple(fingerprint(i, token) for i in x.indices)
+
+    fields = (stage.out_index, stage.domain, stage.reduce, stage.combine, stage.constraints, stage.guards,
+              stage.accumulate, stage.mode, sign[stage.out], tuple(sign[a] for a in stage.argmax))
+    return names.config(), fields, fingerprint(expr, token)
+
+
+def render_stage(stage: Stage, names: Names) -> str:
     p = printer(names, stage)
     lhs = names.read(stage.out, [p.index(as_index(e)) for e in stage.out_index])
     bounds = var_bounds(stage)
@@ -511,13 +562,25 @@ def through(wrt: str, names: Names, reads: dict) -> str:
         return "seed:"
     if wrt in reads:
         stage, r = reads[wrt]
-        shown = printer(names, stage).doprint(r)
+        shown = print_read(stage, r, names)
     else:
         tensor = wrt.split("[")[0]
         shown = names.tensor(tensor) + wrt[len(tensor):].replace("*", "·")
     if names.latex:
         return f"through the read ${shown}$:"
     return f"∂ through the read {shown}:"
+
+
+def print_read(stage: Stage, r, names: Names) -> str:
+    """A read of ``stage`` as `explain` shows it, printed once per print key."""
+    if not autodiff.MEMO:
+        return printer(names, stage).doprint(r)
+    key = ("read",) + print_key(stage, names, r)
+    shown = _printed.get(key)
+    if shown is None:
+        shown = printer(names, stage).doprint(r)
+        autodiff.remember(_printed, key, shown)
+    return shown
 
 
 def display_only(prog, stage: Stage, shown: set) -> list[Stage]:

@@ -34,8 +34,14 @@ def name_ranks(names) -> dict[str, int]:
     return {n: k for k, n in enumerate(sorted(names))}
 
 
-def tensor_names(e) -> set[str]:
-    return {b.label.name for b in e.atoms(sympy.IndexedBase)}
+def tensor_names(e, found: set | None = None) -> set[str]:
+    """The names of the tensors ``e`` reads."""
+    found = set() if found is None else found
+    if type(e) is sympy.Indexed:
+        found.add(e.base.label.name)
+    for a in e.args:
+        tensor_names(a, found)
+    return found
 
 
 def relabel(e, names: dict):
