@@ -1,134 +1,191 @@
-"""Training throughput of the example networks against PyTorch eager and torch.compile, interleaved
-in one process, medians of several rounds: ResNet-20 (batch 32), the MobileNet-style net, the small
-DenseNet, AlexNet (batch 8), and LeNet-5 (batch 64). Each network file is built once per library.
+"""Training throughput of the example networks: cnncompile against PyTorch eager, torch.compile, JAX
+(the whole SGD step under one ``jax.jit``) and tinygrad (the step under ``TinyJit``), all from the
+same initial weights, batch and SGD hyper-parameters: ResNet-20 (batch 32), the MobileNet-style net,
+the small DenseNet, AlexNet (batch 8) and LeNet-5 (batch 64).
 
-Per net: images/s of each, cnncompile's speed-up over each, cnncompile's training GFLOP/s (see
-bench/flops.py for what is counted) and its share of this machine's sgemm ceiling (bench/sgemm.py,
-measured once at the start), and memory. Compile times are printed apart and not timed.
+Each framework runs in a process of its own (bench/peers/worker.py; thread pools of several
+frameworks in one process starve each other) and the rounds alternate between them, the order
+turning each round; ``--pause`` waits between one framework's round and the next, so that no
+idle threads are still spinning when the next starts (report both ways). Before any timing the
+losses of the first three steps of each framework must equal cnncompile's within the float32 bound
+(1e-5 of the loss), or the bench stops: the frameworks run the same computation. Networks with
+dropout cannot be compared that way (the draws differ) and the JAX and tinygrad peers refuse them.
 
-    python bench/zoo.py [--nets resnet20 mobilenet] [--rounds 5] [--steps 5] [--no-compile]
+Per net: images/s medians, the ratio to PyTorch eager measured in the same run, the compile time
+(cc.compile; the first step for torch.compile and JAX; the first two for tinygrad, whose TinyJit
+captures on the second), each process's peak RSS, and cnncompile's training GFLOP/s (bench/flops.py)
+and its share of this machine's sgemm ceiling (bench/sgemm.py). A framework that is not installed
+shows so in its row.
+
+    pip install -e '.[bench]'      # jax[cpu], tinygrad (tinygrad's CPU device also wants clang, and
+                                   # libLLVM >= 16 for its LLVM renderer)
+    python bench/zoo.py [--nets lenet5 resnet20] [--rounds 5] [--steps 5] [--pause 0.05]
+                        [--frameworks cnncompile eager torch.compile jax tinygrad]
+    python bench/zoo.py --nets lenet5 --frameworks eager tinygrad@CPU:CLANG tinygrad@CPU:LLVM tinygrad@CPU:X86
 """
 from __future__ import annotations
 
 import argparse
-import resource
-import runpy
+import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-import cnncompile as cc
-from flops import train_flops
-from sgemm import sgemm_ceiling
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "peers" / "worker.py"
 NETS = {"lenet5": 64, "resnet20": 32, "mobilenet": 32, "densenet": 32, "alexnet": 8}
+FRAMEWORKS = ["cnncompile", "eager", "torch.compile", "jax", "tinygrad"]
 THREADS = 2
-MiB = 2 ** 20
+LOSS_BOUND = 1e-5  # of the loss's scale: the project's float32 bound
 
 
-def torch_net(name):
-    """The example file run with ``torch.nn`` in place of ``cnncompile.nn`` (same names, same layers)."""
-    src = (EXAMPLES / f"{name}.py").read_text()
-    src = src.replace("from cnncompile import nn, optim", "import torch.nn as nn\nfrom cnncompile import optim")
-    src = src.replace("import cnncompile as cc\n", "import torch as cc\n")  # cc.cat → torch.cat
-    namespace = {"__file__": str(EXAMPLES / f"{name}.py"), "__name__": "bench_torch"}
-    exec(compile(src, f"{name}.py", "exec"), namespace)
-    return namespace["net"]
+class BenchError(SystemExit):
+    """The frameworks disagree (or cnncompile, the reference, failed): no timing means anything."""
 
 
-def torch_step(name, model, tx, ty, compiled=False):
-    """One SGD step of a fresh PyTorch copy of the net, from cnncompile's initial weights, with its own
-    optimizer; through torch.compile (compiled lazily, at the first call) if ``compiled``."""
-    net = torch_net(name)
-    net.load_state_dict({k: torch.tensor(v) for k, v in model.state_dict().items()})
-    net.train()
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    forward = torch.compile(net) if compiled else net
+class Worker:
+    """One framework's process; ``ready`` is its first answer (losses, compile time) or its error."""
 
-    def step():
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(forward(tx), ty).backward()
-        opt.step()
-    return step
+    def __init__(self, framework, net, state, batch, logs: Path, check_steps=3):
+        self.framework = framework
+        self.log = logs / f"{net}-{framework.replace(':', '_').replace('@', '_')}.log"
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(WORKER), framework, net, str(state), "--batch", str(batch),
+                 "--check-steps", str(check_steps)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+        self.ready = self.answer()
+        self.seconds, self.rss = [], 0.0
 
+    def answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            return {"ok": False, "missing": False, "error": f"worker died:\n{self.log_tail()}"}
+        return json.loads(line)
 
-def compiled_step(name, model, tx, ty):
-    """torch.compile's step, already compiled (its first call), and the seconds that took;
-    or None and the first line of the exception where torch.compile fails here."""
-    try:
-        step = torch_step(name, model, tx, ty, compiled=True)
-        started = time.perf_counter()
-        step()
-        return step, time.perf_counter() - started
-    except Exception as e:  # a benchmark column, not a test: report and go on
-        return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    def log_tail(self, lines=8) -> str:
+        return "\n".join(self.log.read_text().strip().splitlines()[-lines:]) or "(no output)"
 
+    def time(self, steps: int) -> None:
+        self.proc.stdin.write(f"time {steps}\n")
+        reply = self.answer()
+        if "seconds" not in reply:
+            raise BenchError(f"{self.framework}: {reply.get('error')}\n{self.log_tail()}")
+        self.seconds.append(reply["seconds"])
+        self.rss = reply["peak_rss_mib"]
 
-def timed(fn, steps):
-    fn()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps
-
-
-def memory(model, batch) -> str:
-    """cnncompile's own bytes for this batch (the buffer plan: shared and unshared), and the
-    process's peak RSS so far, which holds every library's tensors."""
-    r = model.memory_report(batch)
-    own = (f"state {r['state_bytes'] / MiB:.1f} MiB + work {r['work_bytes'] / MiB:.1f} MiB "
-           f"({r['work_bytes_unshared'] / MiB:.1f} MiB unshared)")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB  # Linux: KiB
-    return f"memory {own}; process peak RSS {peak:,.0f} MiB"
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        self.proc.wait()
 
 
-def bench_net(name, args, ceiling):
+def check_losses(net: str, reference: Worker, other: Worker) -> float:
+    """The largest loss difference relative to max(1, |loss|); BenchError beyond LOSS_BOUND."""
+    ref, got = reference.ready["losses"], other.ready["losses"]
+    worst = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(ref, got))
+    if len(ref) != len(got) or not worst <= LOSS_BOUND:
+        raise BenchError(f"{net}: {other.framework}'s losses {got} differ from cnncompile's {ref} by "
+                         f"{worst:.2e} of the loss (bound {LOSS_BOUND:g}): not the same network, weights, "
+                         f"batch or optimizer; see bench/peers/")
+    return worst
+
+
+def start_workers(name, args, logs: Path):
+    """cnncompile first (it writes the shared weights, batch and hyper-parameters), then the rest."""
+    state = logs / f"{name}.npz"
+    reference = Worker("cnncompile", name, state, NETS[name], logs)
+    if not reference.ready["ok"]:
+        reference.close()
+        raise BenchError(f"{name}: cnncompile failed: {reference.ready['error']}\n{reference.log_tail()}")
+    workers = [reference]
+    for framework in args.frameworks:
+        if framework != "cnncompile":
+            workers.append(Worker(framework, name, state, NETS[name], logs))
+    return workers
+
+
+def run_rounds(workers, args) -> None:
+    """Each round times every framework once, in an order that turns by one each round."""
+    for r in range(args.rounds):
+        for k in range(len(workers)):
+            workers[(r + k) % len(workers)].time(args.steps)
+            if args.pause:
+                time.sleep(args.pause)
+
+
+def report(name, workers, ceiling, note) -> None:
     batch = NETS[name]
-    spec = runpy.run_path(str(EXAMPLES / f"{name}.py"))
-    started = time.perf_counter()
-    model = cc.compile(spec["net"], spec["input_shape"], loss=spec["loss"], optimizer=spec["optimizer"])
-    compile_s = time.perf_counter() - started
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, *spec["input_shape"])).astype(np.float32)
-    y = rng.integers(0, model.predict(x[:1]).shape[1], batch)
-    tx, ty = torch.tensor(x), torch.tensor(y)
-    runs = {"cnncompile": lambda: model.train_step(x, y), "eager": torch_step(name, model, tx, ty)}
-    compiled, tc_compile = compiled_step(name, model, tx, ty) if not args.no_compile else (None, "skipped")
-    if compiled:
-        runs["torch.compile"] = compiled
-    times = {k: [] for k in runs}
-    for _ in range(args.rounds):
-        for k, fn in runs.items():
-            times[k].append(timed(fn, args.steps))
-    t = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{name:10s} batch {batch:3d}: cnncompile {batch / t['cnncompile']:8,.0f} img/s | "
-          f"eager {batch / t['eager']:8,.0f} img/s, cnncompile ×{t['eager'] / t['cnncompile']:.2f} | "
-          + (f"torch.compile {batch / t['torch.compile']:8,.0f} img/s, "
-             f"cnncompile ×{t['torch.compile'] / t['cnncompile']:.2f}" if compiled else f"torch.compile {tc_compile}"))
-    gflops = train_flops(model) * batch / t["cnncompile"] / 1e9
-    print(f"{'':10s} cnncompile {gflops:.1f} GFLOP/s = {100 * gflops / ceiling:.1f}% of sgemm; {memory(model, batch)}")
-    print(f"{'':10s} compile: cnncompile {compile_s:.1f}s"
-          + (f", torch.compile {tc_compile:.1f}s (first step; inductor's disk cache may keep it from an "
-             f"earlier run)" if compiled else ""), flush=True)
+    ran = [w for w in workers if w.ready["ok"]]
+    speed = {w.framework: batch / statistics.median(w.seconds) for w in ran}
+    eager = speed.get("eager")
+    print(f"\n{name}, batch {batch}: {note}")
+    print(f"  {'framework':22s} {'images/s':>10s} {'vs eager':>9s} {'compile s':>10s}  {'peak RSS':>9s}  version")
+    for w in workers:
+        r = w.ready
+        if not r["ok"]:
+            print(f"  {w.framework:22s} {'not installed' if r.get('missing') else 'failed'}: {r['error']}")
+            continue
+        ratio = f"×{speed[w.framework] / eager:.2f}" if eager else "-"
+        print(f"  {w.framework:22s} {speed[w.framework]:10,.0f} {ratio:>9s} {r['compile_s']:10.1f}  "
+              f"{w.rss:6,.0f} MiB  {r['info'].get('version', '')} (compile: {r['compile_what']})")
+    info = workers[0].ready["info"]
+    gflops = info["train_flop"] * speed["cnncompile"] / batch / 1e9
+    share = f" = {100 * gflops / ceiling:.1f}% of the sgemm ceiling" if ceiling else ""
+    print(f"  cnncompile ({info['backend']} backend): {gflops:.1f} GFLOP/s{share}; {info['memory']}", flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--nets", nargs="+", default=list(NETS))
+def bench_net(name, args, ceiling, logs: Path) -> None:
+    workers = start_workers(name, args, logs)
+    try:
+        dropout = workers[0].ready["info"]["dropout"]
+        if dropout:
+            note = f"losses not compared (dropout in {', '.join(dropout)}: the draws differ)"
+        else:
+            worst = max([check_losses(name, workers[0], w) for w in workers[1:] if w.ready["ok"]], default=0.0)
+            note = (f"losses of the first 3 steps equal cnncompile's (largest difference {worst:.1e} "
+                    f"of the loss, bound {LOSS_BOUND:g})")
+        run_rounds([w for w in workers if w.ready["ok"]], args)
+        report(name, workers, ceiling, f"{note}; medians of {args.rounds} rounds × {args.steps} steps, "
+               f"one process per framework{f', {args.pause:g} s pause between them' if args.pause else ''}")
+    finally:
+        for w in workers:
+            w.close()
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    parser.add_argument("--frameworks", nargs="+", default=FRAMEWORKS,
+                        help="cnncompile always runs (the reference); tinygrad@DEV picks tinygrad's device")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    args = parser.parse_args()
-    torch.set_num_threads(THREADS)
-    ceiling = sgemm_ceiling(THREADS)
-    print(f"sgemm ceiling on {THREADS} threads: {ceiling:.1f} GFLOP/s; medians of {args.rounds} rounds "
-          f"of {args.steps} steps; ×: cnncompile's speed-up", flush=True)
-    for name in args.nets:
-        bench_net(name, args, ceiling)
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds between two frameworks' rounds")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip measuring the sgemm ceiling")
+    args = parser.parse_args(argv)
+    ceiling = None
+    if not args.no_ceiling:
+        from sgemm import sgemm_ceiling  # torch's matmul here, before any worker starts
+        ceiling = sgemm_ceiling(THREADS)
+    print(f"{cpu_name()}; sgemm ceiling on {THREADS} threads: "
+          f"{f'{ceiling:.1f} GFLOP/s' if ceiling else 'not measured'}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="cnncompile-zoo-") as logs:
+        for name in args.nets:
+            bench_net(name, args, ceiling, Path(logs))
 
 
 if __name__ == "__main__":
