@@ -75,11 +75,13 @@ def trace(net: Module, input_shape, loss=None, loss_weights=None):
 
 def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | None = None, seed: int = 0,
             dtype="float32", loss_weights=None, input_grad: bool = False, distributed: str | None = None,
-            sync_batchnorm: bool = False):
+            sync_batchnorm: bool = False, target=None):
     """Compile ``net`` into a trainer (docs/architecture.md, §1). ``input_grad``: also derive
     ∂L/∂input, handed out by ``model.input_gradient`` (saliency; checks of the derivation).
     ``distributed="mpi"``: data-parallel training over the MPI ranks (`cnncompile.distributed`);
-    ``sync_batchnorm``: batch norm normalizes with the global batch's statistics there."""
+    ``sync_batchnorm``: batch norm normalizes with the global batch's statistics there.
+    ``target``: what the LLVM backend writes code for, a name (``"avx2"``, ``"avx512"``, ``"host"``)
+    or a `cnncompile.backends.llvm.target.Target` (default: ``CNNCOMPILE_TARGET``, else the host's)."""
     from .model import Model
 
     started = time.perf_counter()
@@ -94,19 +96,20 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
     if input_grad and loss is None:
         raise CompileError("input_grad=True needs a loss: pass loss=nn.CrossEntropyLoss() (or another)")
     grad_inputs = [t for t in tracer.graph.inputs if tracer.graph.tensors[t].role == "input"] if input_grad else []
+    backend_options = {"target": target} if executable_class.name == "llvm" else {}  # (NumPy has no target)
     name = program_cache.key(tracer.graph, outputs + [f"dL/d{t}" for t in grad_inputs], loss_name, optimizer,
-                             executable_class.name, dtype,
-                             executable_class.codegen_options() + (("sync_batchnorm",) if sync_batchnorm else ()))
+                             executable_class.name, dtype, executable_class.codegen_options(**backend_options)
+                             + (("sync_batchnorm",) if sync_batchnorm else ()))
     entry = program_cache.load(name)
     if entry is not None:  # a warm start: nothing is derived, scheduled or generated again
         prog = entry["prog"]
-        executable = executable_class(prog, dtype, manifest=entry["manifest"])
+        executable = executable_class(prog, dtype, manifest=entry["manifest"], **backend_options)
     else:
         prog = build_program(tracer, outputs, targets, loss_name, loss, optimizer, grad_inputs)
         if sync_batchnorm:  # grads runs in segments; the ranks sum batch statistics (and their gradients) between
             from .distributed import sync_cuts
             prog.cuts = sync_cuts(prog, tracer.graph)
-        executable = executable_class(prog, dtype)
+        executable = executable_class(prog, dtype, **backend_options)
         program_cache.store(name, {"prog": prog, "manifest": executable.manifest()})
     model = Model(net=net, tracer=tracer, heads=heads, prog=prog, executable=executable, loss=loss,
                   optimizer=optimizer, input_shape=tuple(input_shape))

@@ -14,7 +14,6 @@ import numpy as np
 
 from cnncompile.ir.errors import CompileError
 from cnncompile.ir.expr import PHASES
-from cnncompile.ir.schedule import Scheduler
 
 TEMPLATES = {
     "row": "an output row in vector registers across the sums",
@@ -27,16 +26,20 @@ TEMPLATES = {
 }
 
 
-def schedule(prog, phase: str | None = None, dtype=np.float32) -> str:
-    """The schedule of one phase (or of every phase) as text."""
-    from cnncompile.backends.llvm.codegen import code_program, unobserved_outputs, vector_lanes
+def schedule(prog, phase: str | None = None, dtype=np.float32, target=None) -> str:
+    """The schedule of one phase (or of every phase) on ``target`` (default: the resolved one) as text."""
+    from cnncompile.backends.llvm.codegen import code_program
+    from cnncompile.backends.llvm.deadstores import unobserved_outputs
+    from cnncompile.backends.llvm.schedule import Scheduler
+    from cnncompile.backends.llvm.target import resolve
     phases = prog.phase_names() if hasattr(prog, "phase_names") else list(PHASES)  # (what the code writer runs)
     if phase is not None and phase not in phases:
         raise CompileError(f"schedule: no phase {phase!r}; the phases are {', '.join(phases)}")
     ftype = "float" if np.dtype(dtype) == np.float32 else "double"
-    lanes = vector_lanes(ftype)
-    code = code_program(prog, ftype)
-    scheduler = Scheduler(code, lanes=lanes)
+    target = resolve(target)
+    lanes = target.vector_lanes(ftype)
+    code = code_program(prog, ftype, target)
+    scheduler = Scheduler(code, target=target, ftype=ftype)
     parts = []
     for name in [phase] if phase else phases:
         if not code.phase_stages(name):
@@ -57,7 +60,7 @@ def phase_text(phase: str, plan, lanes: int, kept: dict) -> str:
 
 
 def kernel_lines(k: int, kernel, kept: frozenset) -> list[str]:
-    from cnncompile.backends.llvm.codegen import stage_label, symbol_part
+    from cnncompile.backends.llvm.names import stage_label, symbol_part
     lines = [f"kernel {k}: {stage_label(kernel.main)}  [function *_{symbol_part(kernel.main)}]"]
     for stage, _ in kernel.epilogue:
         lines.append(f"  fuses in its epilogue: {stage_label(stage)}")
@@ -76,7 +79,7 @@ def nest_lines(j: int, count: int, nest, templates, lanes: int) -> list[str]:
     head = f"  class {j + 1} of {count}" + (f" ({where})" if where else "")
     if nest.empty:
         return [head + ": no term reaches it; set to zero"]
-    initialised = nest.needs_init and not (nest.terms and all(t.fresh for t in templates))  # (as codegen.init_nest)
+    initialised = nest.needs_init and not (nest.terms and all(t.fresh for t in templates))  # (as nests.init_nest)
     lines = [head + (": initialised to the sum's identity first" if initialised else ":")]
     for t, tpl in enumerate(templates):
         term = f" term {t + 1} of {len(templates)}:" if len(templates) > 1 else ""

@@ -12,7 +12,7 @@ from cnncompile.backends.llvm.codegen import code_program
 from cnncompile.backends.llvm.program import LLVMExecutable
 from cnncompile.ir.affine import Affine
 from cnncompile.ir.expr import Program, Stage, TensorSpec, read, var
-from cnncompile.ir.schedule import Scheduler
+from cnncompile.backends.llvm.schedule import Scheduler
 
 
 def kinds(prog, out):

@@ -173,8 +173,9 @@ def test_cli_latex_document(no_executable, capsys):
 # ----- the schedule ----------------------------------------------------------------------------------------
 
 def test_schedule_lists_every_kernel_with_its_fused_stages_and_loops():
-    from cnncompile.backends.llvm.codegen import code_program, stage_label
-    from cnncompile.ir.schedule import Scheduler
+    from cnncompile.backends.llvm.codegen import code_program
+    from cnncompile.backends.llvm.names import stage_label
+    from cnncompile.backends.llvm.schedule import Scheduler
     d = small()
     text = d.schedule("train")
     plan = Scheduler(code_program(d.prog, "float")).kernels("train")

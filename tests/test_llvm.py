@@ -195,7 +195,7 @@ def test_fused_train_steps_match_numpy(name, optimizer):
 
 
 def test_schedule_fuses_elementwise_stages_and_updates_into_their_producers():
-    from cnncompile.ir.schedule import Scheduler
+    from cnncompile.backends.llvm.schedule import Scheduler
     build, shape = NETS["lenet"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy",
                        optimizer=cc.optim.SGD(lr=0.1, momentum=0.9))
@@ -213,7 +213,7 @@ def test_schedule_fuses_elementwise_stages_and_updates_into_their_producers():
 def test_max_pool_gradients_run_as_interleaved_vector_rows():
     """The four window positions of a 2×2 max pool's gradient (residue classes) run as one loop
     nest, the column pairs as interleaved vector rows where the pooled row is a vector long."""
-    from cnncompile.ir.schedule import Scheduler
+    from cnncompile.backends.llvm.schedule import Scheduler
     for name, stage, expected in (("lenet", "dL/d1.out", (4, ("v_q", 14))), ("lenet", "dL/d4.out", (4, None)),
                                   ("pooling", "dL/d0.out", (4, ("v_q", 17))), ("pooling", "dL/d2.out", None)):
         build, shape = NETS[name]
@@ -227,7 +227,7 @@ def test_max_pool_gradients_run_as_interleaved_vector_rows():
 def test_dense_layers_jam_a_block_of_outputs_around_the_long_loop():
     """A dense layer's forward (dot products over 400 inputs) and weight gradient (rows of 400)
     compute 8, 4 or 2 outputs per pass of the long loop, sharing the other read's loads."""
-    from cnncompile.ir.schedule import Scheduler
+    from cnncompile.backends.llvm.schedule import Scheduler
     net = nn.Sequential(nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
     model = cc.compile(net, input_shape=(400,), loss=nn.CrossEntropyLoss(), backend="numpy")
     scheduler = Scheduler(model.prog)
@@ -243,7 +243,7 @@ def test_filter_gradients_of_wide_maps_block_output_channels():
     """A 3×3 filter gradient over 32-wide rows (four vectors) keeps one accumulator per kernel
     column and output channel of a block, the row's chunks added into it: a block of 4 channels
     (12 accumulators) instead of none (3 columns × 4 chunks filled the 12 before)."""
-    from cnncompile.ir.schedule import Scheduler
+    from cnncompile.backends.llvm.schedule import Scheduler
     net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 32 * 32, 2))
     model = cc.compile(net, input_shape=(16, 32, 32), loss=nn.CrossEntropyLoss(), backend="numpy")
     [tpl] = [Scheduler(model.prog).single(s).templates[0][0] for s in model.prog.backward if s.out == "dL/d0.weight"]
@@ -254,7 +254,7 @@ def test_one_vector_rows_pair_examples():
     """Where a row is one vector and its block of output channels fills the 8 accumulators, the
     block halves and two examples run at once: their input vectors share each weight broadcast.
     Not where the row is longer (two vectors already share them), nor for a plain loop's sum."""
-    from cnncompile.ir.schedule import Scheduler
+    from cnncompile.backends.llvm.schedule import Scheduler
     build, shape = NETS["pairs"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
     scheduler = Scheduler(model.prog)
@@ -290,7 +290,7 @@ def test_batch_norm_runs_as_vector_rows():
     """Batch norm's elementwise stages (normalize, its gradient's accumulations) run as vector
     rows along the map's last axis, its backward reductions (through σ = √(σ² + ε)) as vector
     reduction rows; a per-channel update (one loop: nothing for the threads to split) does not."""
-    from cnncompile.ir.schedule import Scheduler
+    from cnncompile.backends.llvm.schedule import Scheduler
     build, shape = NETS["batchnorm"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy",
                        optimizer=cc.optim.SGD(lr=0.1))
@@ -309,7 +309,7 @@ def test_batch_norm_backward_sums_share_one_loop_nest():
     through μ and σ²) run as siblings in one loop nest, each with its own accumulator and
     epilogue (the momentum buffers); γ's update, which two of them read, waits for a kernel of
     its own."""
-    from cnncompile.ir.schedule import Scheduler
+    from cnncompile.backends.llvm.schedule import Scheduler
     build, shape = NETS["batchnorm"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy",
                        optimizer=cc.optim.SGD(lr=0.1, momentum=0.9))
@@ -348,7 +348,7 @@ def test_values_used_only_inside_their_kernel_are_never_stored():
 
 
 def test_max_pools_run_as_vector_rows_where_a_row_fills_a_vector():
-    from cnncompile.ir.schedule import Scheduler
+    from cnncompile.backends.llvm.schedule import Scheduler
     build, shape = NETS["lenet"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
     scheduler = Scheduler(model.prog)
@@ -361,8 +361,8 @@ def test_short_rows_run_output_channels_as_vector_lanes():
     kernel rows: 5 of 8) run their 16 output channels as the vector instead, from copies of the
     weights and of the output gradient with the channel axis last; the derivation's own program
     (what explain shows) keeps reading the tensors as derived."""
-    from cnncompile.ir.layout import pack_lanes
-    from cnncompile.ir.schedule import Scheduler
+    from cnncompile.backends.llvm.schedule import pack_lanes
+    from cnncompile.backends.llvm.schedule import Scheduler
     model = cc.compile(runpy.run_path(str(EXAMPLES / "lenet5.py"))["net"], input_shape=(1, 32, 32),
                        loss=nn.CrossEntropyLoss(), backend="numpy")
     packed = pack_lanes(model.prog, 8)

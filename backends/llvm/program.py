@@ -23,6 +23,7 @@ from cnncompile.ir.expr import BATCH, Program
 from cnncompile.backends.env import Env
 from .codegen import UNITS_PHASE, ModuleWriter, code_program
 from .jit import Compiled, compile_workers, fingerprint
+from .target import Target, resolve
 from .workers import pool
 
 ALIGN = 64
@@ -65,15 +66,18 @@ def thread_count() -> int:
 class LLVMExecutable:
     name = "llvm"
 
-    def __init__(self, prog: Program, dtype=np.float32, use_cache: bool = True, manifest: dict | None = None):
+    def __init__(self, prog: Program, dtype=np.float32, use_cache: bool = True, manifest: dict | None = None,
+                 target: Target | str | None = None):
         """``manifest`` is what an earlier compile of the same program generated (see
-        `manifest()`, stored by the program cache): given, no IR is written again."""
+        `manifest()`, stored by the program cache): given, no IR is written again. ``target``:
+        what the code is written for (a `Target` or its name; default `target.resolve`'s)."""
         self.dtype = np.dtype(dtype)
+        self.target = resolve(target)
         self.checked = os.environ.get("CNNCOMPILE_CHECK") == "1"
         if manifest is None:
             ftype = "float" if self.dtype == np.float32 else "double"
-            code_prog = code_program(prog, ftype)
-            writer = ModuleWriter(code_prog, ftype, PLACEHOLDER, checked=self.checked)
+            code_prog = code_program(prog, ftype, self.target)
+            writer = ModuleWriter(code_prog, ftype, PLACEHOLDER, checked=self.checked, target=self.target)
             manifest = {"texts": writer.modules(compile_workers()), "scalar_names": writer.scalar_names,
                         "steps": writer.steps, "units": writer.units, "program": code_prog,
                         "elided": writer.elided_tensors}
@@ -82,12 +86,12 @@ class LLVMExecutable:
         texts = manifest["texts"]
         self.scalar_names, self.steps, self.unit_stages = manifest["scalar_names"], manifest["steps"], manifest["units"]
         self.elided = set(manifest["elided"])  # train-phase values kept in registers only (never stored)
-        prefix = "cc_" + fingerprint("\n".join(texts))[:16]
+        prefix = "cc_" + fingerprint("\n".join(texts), self.target)[:16]
         parts = [t.replace(PLACEHOLDER, prefix) for t in texts]
         self.ir_text = "\n".join(parts)
         with _loaded_lock:
             if prefix not in _loaded:
-                _loaded[prefix] = Compiled(parts, use_cache)
+                _loaded[prefix] = Compiled(parts, use_cache, self.target)
         self.compiled = _loaded[prefix]
         names = self.prog.phase_names() + [f"{UNITS_PHASE}_u{j}" for j in range(len(self.unit_stages))]
         self.phases = {p: PHASE_SIGNATURE(self.compiled.address(f"{prefix}_{p}")) for p in names}
@@ -102,9 +106,11 @@ class LLVMExecutable:
         _live.add(self)
 
     @staticmethod
-    def codegen_options() -> tuple:
-        """What, besides the program, decides the generated IR (part of the program cache key)."""
-        return ("checked" if os.environ.get("CNNCOMPILE_CHECK") == "1" else "plain", compile_workers())
+    def codegen_options(target: Target | str | None = None) -> tuple:
+        """What, besides the program, decides the generated IR (part of the program cache key):
+        the bounds checks, the module split, and the target."""
+        return ("checked" if os.environ.get("CNNCOMPILE_CHECK") == "1" else "plain", compile_workers(),
+                resolve(target).key())
 
     def manifest(self) -> dict:
         """The generated IR and the facts the runtime needs about it, for the program cache."""

@@ -165,9 +165,13 @@ def named(name: str) -> Target:
     """The target ``name`` on this host (``host``: the detected one)."""
     cpu, features = host_cpu()
     l1, l2 = cache_sizes()
-    if name == "host":
-        name = "avx512" if features.get("avx512f") and cpu in TWO_WIDE_FMA else "avx2"
-    return make(name, cpu, features, l1, l2)
+    return make(detected_name(cpu, features) if name == "host" else name, cpu, features, l1, l2)
+
+
+def detected_name(cpu: str, features: dict) -> str:
+    """The host's default: 512-bit vectors where the CPU has AVX-512 and two full-width FMA units
+    (not Zen 4's double-pumped ones, nor client cores' single one), else 256-bit."""
+    return "avx512" if features.get("avx512f") and cpu in TWO_WIDE_FMA else "avx2"
 
 
 def host() -> Target:

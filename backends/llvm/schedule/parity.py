@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import sympy
 
-from .affine import Affine
-from .expr import Program, Stage, TensorSpec, read, tensor_of, var
+from cnncompile.ir.affine import Affine
+from cnncompile.ir.expr import Program, Stage, TensorSpec, read, tensor_of, var
 
 
 def parity_name(tensor: str) -> str:

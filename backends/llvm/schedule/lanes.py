@@ -6,7 +6,7 @@ short (LeNet-5's second convolution: 10-wide output rows fill 10 of 16 lanes; it
 vector width (the 16 output channels) fills every lane instead, if each read that carries ``u``
 has it as its last, unit-stride index. This pass gives each such read a packed copy with ``u``'s
 axis moved last (``dY[b, n, x, y]`` → ``dY.lanes[b, x, y, n]``: one cheap transposing stage) and
-marks the stage (``Stage.lanes``), so that the schedule runs ``u`` as the vector (`schedule.lanes_row`;
+marks the stage (``Stage.lanes``), so that the schedule runs ``u`` as the vector (`templates.lanes_row`;
 the output is then written lane by lane). The stages keep their meaning: only where a value is
 read from changes. The LLVM backend generates code from the packed copy; the NumPy reference runs the program as derived.
 """
@@ -14,32 +14,36 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .affine import Affine
-from .expr import Program, Stage, TensorSpec, read, tensor_of, var
-from .loops import lower
-from .schedule import template
+from cnncompile.ir.affine import Affine
+from cnncompile.ir.expr import Program, Stage, TensorSpec, read, tensor_of, var
+from cnncompile.ir.loops import lower
+
+from ..target import Target, resolve
+from .templates import template
 
 UTILIZATION = 0.75  # a row using less of its vector lanes than this is worth packing for
 
 
-def pack_lanes(prog: Program, lanes: int) -> Program:
+def pack_lanes(prog: Program, lanes: int, target: Target | str | None = None) -> Program:
     """A copy of the program with every forward and backward stage that gains from channel lanes
-    rewritten (the derivation's own program, which `explain` shows, is left as derived)."""
+    (``lanes`` elements a vector) rewritten for ``target`` (default: the resolved one; the
+    derivation's own program, which `explain` shows, is left as derived)."""
+    target = resolve(target)
     out = replace(prog, tensors=dict(prog.tensors))
     for part in ("forward", "backward"):
         rewritten = []
         for stage in getattr(prog, part):
-            rewritten.extend(lane_plan(stage, out, lanes) or [stage])
+            rewritten.extend(lane_plan(stage, out, target, lanes) or [stage])
         setattr(out, part, rewritten)
     return out
 
 
-def lane_plan(stage: Stage, prog: Program, lanes: int) -> list[Stage] | None:
+def lane_plan(stage: Stage, prog: Program, target: Target, lanes: int) -> list[Stage] | None:
     """The pack stages and the rewritten stage, or None where the row fills its lanes well
     enough, no output variable can be the lanes, or the schedule would not take them."""
     if stage.combine != "sum" or stage.accumulate or stage.argmax or not stage.reduce or stage.guards:
         return None
-    current = single_template(stage, prog, lanes)
+    current = single_template(stage, prog, target, lanes)
     if current is None or current.kind not in ("row", "tiled_row") or current.scatter:
         return None
     if current.extent / (lanes * -(-current.extent // lanes)) >= UTILIZATION:
@@ -53,7 +57,7 @@ def lane_plan(stage: Stage, prog: Program, lanes: int) -> list[Stage] | None:
         candidate = stage.with_(body=body, lanes=u)
         for p in packs:
             prog.add_tensor(p[1])
-        chosen = single_template(candidate, prog, lanes)
+        chosen = single_template(candidate, prog, target, lanes)
         if chosen is not None and chosen.scatter:
             return [p[0] for p in packs] + [candidate]
         for p in packs:
@@ -61,12 +65,12 @@ def lane_plan(stage: Stage, prog: Program, lanes: int) -> list[Stage] | None:
     return None
 
 
-def single_template(stage: Stage, prog: Program, lanes: int):
+def single_template(stage: Stage, prog: Program, target: Target, lanes: int):
     """The template of a stage that lowers to one loop nest with one term, else None."""
     nests = lower(stage, prog)
     if len(nests) != 1 or len(nests[0].terms) != 1 or nests[0].empty:
         return None
-    return template(nests[0], nests[0].terms[0], prog, lanes=lanes)
+    return template(nests[0], nests[0].terms[0], prog, target, lanes)
 
 
 def lane_output(stage: Stage, u: str) -> bool:
