@@ -18,6 +18,7 @@ from cnncompile.backends.llvm.schedule import Scheduler
 from test_llvm import NETS, poison
 
 TARGETS = ("avx2", "avx512")
+pytestmark = pytest.mark.filterwarnings("ignore:cnncompile target avx512:RuntimeWarning")  # (split 16-lane code)
 
 
 def enabled(features: str) -> set[str]:
@@ -246,3 +247,20 @@ def test_train_steps_under_16_lanes_match_numpy(name):
     for k in ref:
         scale = max(float(np.abs(ref[k]).max()), 1e-6)
         assert np.abs(got[k] - ref[k]).max() / scale < 1e-4, k
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_cases_exercise_every_template_under_each_target(target):
+    """The networks compared above run every register template and its variants on both widths
+    (pairs, channel lanes, blocks, unroll-and-jam, sibling sums, interleaved classes, epilogues)."""
+    seen = set()
+    for build, shape in CASES.values():
+        prog = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy").prog
+        for kernel in Scheduler(code_program(prog, "float", target), target=target).kernels("grads"):
+            for tpl in (t for terms in kernel.templates for t in terms):
+                seen |= {tpl.kind} | {f"{tpl.kind}+{flag}" for flag in ("pair", "scatter", "block") if getattr(tpl, flag)}
+            seen |= {name for name, there in (("siblings", kernel.siblings), ("epilogue", kernel.epilogue),
+                                              ("interleaved", any(p for _, p in kernel.class_groups))) if there}
+    assert seen >= {"row", "tiled_row", "tiled_row+pair", "tiled_row+scatter", "reduction_row", "tiled_reduction_row",
+                    "tiled_reduction_row+block", "max_row", "map_row", "scalar", "scalar+block", "siblings", "epilogue",
+                    "interleaved"}, seen
