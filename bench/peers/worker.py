@@ -41,22 +41,14 @@ class CnncompileTrainer:
     def __init__(self, name: str, state_path: str, batch: int):
         import runpy
 
-        import numpy as np
-
         import cnncompile as cc
         from flops import train_flops
         spec = runpy.run_path(str(HERE.parent.parent / "examples" / f"{name}.py"))
         started = time.perf_counter()
         self.model = cc.compile(spec["net"], spec["input_shape"], loss=spec["loss"], optimizer=spec["optimizer"])
         self.compile_s = time.perf_counter() - started
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((batch, *spec["input_shape"])).astype(np.float32)
-        y = rng.integers(0, self.model.predict(x[:1]).shape[1], batch)
-        hyper = self.model.optimizer.hyper()
-        if type(self.model.optimizer).__name__ != "SGD":
-            raise RuntimeError(f"{name}: the peers implement SGD only, the example uses {self.model.optimizer}")
-        state = {f"state/{k}": v for k, v in self.model.state_dict().items()}
-        np.savez(state_path, x=x, y=y, hyper=json.dumps(hyper), **state)
+        x, y = draw_batch(self.model, spec["input_shape"], batch)
+        export_state(state_path, self.model, x, y)
         self.set_batch(x, y)
         r = self.model.memory_report(batch)
         dropout = [n for n, m in spec["net"].named_modules() if type(m).__name__.startswith("Dropout") and m.p]
@@ -74,6 +66,24 @@ class CnncompileTrainer:
 
     def sync(self) -> float:
         return float(self.loss)
+
+
+def draw_batch(model, input_shape, batch: int, seed: int = 0):
+    """Standard normal images and uniform labels over the model's classes."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, *input_shape)).astype(np.float32)
+    return x, rng.integers(0, model.predict(x[:1]).shape[1], batch)
+
+
+def export_state(path, model, x, y) -> None:
+    """What the other frameworks start from: the compiled model's state_dict (before any step), the
+    batch and the SGD hyper-parameters."""
+    import numpy as np
+    if type(model.optimizer).__name__ != "SGD":
+        raise RuntimeError(f"the bench peers implement SGD only, the model uses {model.optimizer}")
+    state = {f"state/{k}": v for k, v in model.state_dict().items()}
+    np.savez(path, x=x, y=y, hyper=json.dumps(model.optimizer.hyper()), **state)
 
 
 def load_state(path: str):
