@@ -456,28 +456,41 @@ def format_stage(stage: Stage, names, latex: bool = False) -> str:
         names = PlainNames(names, latex)
     if not autodiff.MEMO:
         return render_stage(stage, names)
-    key = print_key(stage, names, stage.body)
-    line = _printed.get(key)
-    if line is None:
-        line = render_stage(stage, names)
-        autodiff.remember(_printed, key, line)
-    return line
+    return printed(("stage",) + stage_key(stage, names), lambda: render_stage(stage, names))
 
 
 def print_key(stage: Stage, names: Names, expr) -> tuple:
-    """What printing ``expr`` in ``stage`` depends on: the notation, the stage's fields but its
-    layer, and ``expr`` with each tensor replaced by its signature (`Names.signature`) and the
-    rank of the name sympy orders products by (`_Common.doprint`)."""
-    tensors = tensor_names(expr) | {stage.out} | set(stage.argmax)
-    rank = name_ranks(names.read(t, []) + SEP + t for t in tensors)
-    sign = {t: (rank[names.read(t, []) + SEP + t], names.signature(t)) for t in tensors}
+    """What printing ``expr`` in ``stage`` depends on: the notation, the stage's loop variables
+    (their order and names), and ``expr`` with each tensor replaced by its signature
+    (`Names.signature`) and the rank of the name sympy orders products by (`_Common.doprint`)."""
+    sign = signatures(names, tensor_names(expr))
 
     def token(x):
         return sign[x.base.label.name], tuple(fingerprint(i, token) for i in x.indices)
 
+    return names.config(), stage.variables, fingerprint(expr, token)
+
+
+def signatures(names: Names, tensors) -> dict:
+    order = name_ranks(names.read(t, []) + SEP + t for t in tensors)
+    return {t: (order[names.read(t, []) + SEP + t], names.signature(t)) for t in tensors}
+
+
+def stage_key(stage: Stage, names: Names) -> tuple:
+    """`print_key` of the body and every other field a stage's line shows (not its layer)."""
+    sign = signatures(names, {stage.out, *stage.argmax})
     fields = (stage.out_index, stage.domain, stage.reduce, stage.combine, stage.constraints, stage.guards,
               stage.accumulate, stage.mode, sign[stage.out], tuple(sign[a] for a in stage.argmax))
-    return names.config(), fields, fingerprint(expr, token)
+    return print_key(stage, names, stage.body), fields
+
+
+def printed(key, make) -> str:
+    """``make()``, once per key."""
+    text = _printed.get(key)
+    if text is None:
+        text = make()
+        autodiff.remember(_printed, key, text)
+    return text
 
 
 def render_stage(stage: Stage, names: Names) -> str:
@@ -495,11 +508,20 @@ def render_stage(stage: Stage, names: Names) -> str:
             sums.append(f"\\{'max' if stage.combine == 'max' else 'sum'}_{{{v}={lo}}}^{{{hi}}}")
         else:
             sums.append(f"{'max' if stage.combine == 'max' else 'Σ'}_{{{v}={lo}..{hi}}}")
-    body = p.doprint(stage.body)
+    body = print_expr(stage, stage.body, names, p)
     body = body if names.latex else body.replace("**", "^").replace("*", "·")
     op = (" \\mathrel{+}= " if names.latex else " += ") if stage.accumulate else " = "
     line = lhs + op + " ".join(sums) + (" " if sums else "") + body
     return decorate(line, stage, names, p, dropped)
+
+
+def print_expr(stage: Stage, expr, names: Names, p=None) -> str:
+    """``expr`` (the body or a read of ``stage``) as the printer shows it, once per print key:
+    sizes do not enter it, so DenseNet's layers of growing width share their bodies."""
+    p = p or printer(names, stage)
+    if not autodiff.MEMO:
+        return p.doprint(expr)
+    return printed(("expr",) + print_key(stage, names, expr), lambda: p.doprint(expr))
 
 
 def decorate(line: str, stage: Stage, names: Names, p, dropped: list) -> str:
@@ -562,25 +584,13 @@ def through(wrt: str, names: Names, reads: dict) -> str:
         return "seed:"
     if wrt in reads:
         stage, r = reads[wrt]
-        shown = print_read(stage, r, names)
+        shown = print_expr(stage, r, names)
     else:
         tensor = wrt.split("[")[0]
         shown = names.tensor(tensor) + wrt[len(tensor):].replace("*", "·")
     if names.latex:
         return f"through the read ${shown}$:"
     return f"∂ through the read {shown}:"
-
-
-def print_read(stage: Stage, r, names: Names) -> str:
-    """A read of ``stage`` as `explain` shows it, printed once per print key."""
-    if not autodiff.MEMO:
-        return printer(names, stage).doprint(r)
-    key = ("read",) + print_key(stage, names, r)
-    shown = _printed.get(key)
-    if shown is None:
-        shown = printer(names, stage).doprint(r)
-        autodiff.remember(_printed, key, shown)
-    return shown
 
 
 def display_only(prog, stage: Stage, shown: set) -> list[Stage]:

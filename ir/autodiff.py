@@ -33,7 +33,7 @@ def grad_name(tensor: str) -> str:
 def requires_grad(stages: list[Stage], sources: set[str]) -> set[str]:
     need = set(sources)
     for s in stages:
-        if s.differentiable and any(tensor_of(r) in need for r in s.reads()):
+        if s.differentiable and any(tensor_of(r) in need for r in reads_of(s.body)):
             need.add(s.out)
     return need
 
@@ -54,7 +54,7 @@ def derive(prog: Program, wrt: list[str], mode: str = "train", read_rule=None) -
     for stage in reversed(stages):
         if stage.out not in have or not stage.differentiable:
             continue
-        for r in stage.reads():
+        for r in reads_of(stage.body):
             tensor = tensor_of(r)
             if tensor not in need:
                 continue
@@ -67,29 +67,43 @@ def derive(prog: Program, wrt: list[str], mode: str = "train", read_rule=None) -
 MEMO = os.environ.get("CNNCOMPILE_DERIVE_MEMO", "1") != "0"  # off: every read derived afresh (to compare)
 MEMO_LIMIT = 20000  # entries per table before it is emptied (a long session of many networks)
 _transposed: dict = {}  # canonical (stage, read) → (its names in order, the stages derived for it)
+_bodies: dict = {}  # the same without sizes → (its names in order, the gradient's body or None for none)
 _derivatives: dict = {}  # a body with its reads as placeholders, the read → (placeholders, ∂body/∂read)
 
 
 def derive_read(stage: Stage, r: sympy.Indexed, accumulate: bool, shape: tuple) -> list[Stage]:
     """`transpose`, done once per canonical form: a stage that differs from one already derived
     only in its tensors' names (with their order kept) gets that one's stages with the names
-    replaced, as a derivation of its own would give them."""
+    replaced, as a derivation of its own would give them; one that differs in sizes too gets
+    that one's gradient body (sizes enter only the ranges, which are solved again)."""
     if not MEMO:
         return transpose(stage, r, accumulate, shape)
-    key, names = transpose_key(stage, r, accumulate, shape)
+    shared, sizes, names = transpose_key(stage, r)
+    key = (shared, sizes, accumulate, shape)
     hit = _transposed.get(key)
-    if hit is None:
+    if hit is not None:
+        template, stages = hit
+        return [relabel_stage(s, renaming(template, names)).with_(layer=stage.layer, wrt=str(r)) for s in stages]
+    body = _bodies.get(shared)
+    if body is None:
         stages = transpose(stage, r, accumulate, shape)
-        remember(_transposed, key, (names, stages))
-        return stages
-    template, stages = hit
-    renamed = {old: new for old, new in zip(template, names) if old != new}
-    return [relabel_stage(s, renamed).with_(layer=stage.layer, wrt=str(r)) for s in stages]
+        remember(_bodies, shared, (names, stages[0].body if stages else None))
+    else:
+        template, body = body
+        stages = [] if body is None else \
+            transpose(stage, r, accumulate, shape, relabel(body, renaming(template, names)))
+    remember(_transposed, key, (names, stages))
+    return stages
 
 
-def transpose_key(stage: Stage, r, accumulate: bool, shape: tuple) -> tuple[tuple, list[str]]:
+def renaming(template: list[str], names: list[str]) -> dict[str, str]:
+    return {old: new for old, new in zip(template, names) if old != new}
+
+
+def transpose_key(stage: Stage, r) -> tuple[tuple, tuple, list[str]]:
     """The stage and read with tensor names replaced by their ranks among every name the
-    derivation can write (the stage's tensors and their gradients), and those names in order."""
+    derivation can write (the stage's tensors and their gradients): what the gradient's body
+    depends on, and the rest (sizes, ranges, notes); and those names in order."""
     tensors = tensor_names(stage.body) | {stage.out} | set(stage.argmax)
     names = sorted(tensors | {grad_name(t) for t in tensors})
     rank = {n: k for k, n in enumerate(names)}
@@ -98,10 +112,12 @@ def transpose_key(stage: Stage, r, accumulate: bool, shape: tuple) -> tuple[tupl
         return rank[x.base.label.name], tuple(fingerprint(i, token) for i in x.indices)
 
     pattern = tuple((rank[t], rank[grad_name(t)]) for t in sorted(tensors))
-    fields = (stage.out_index, stage.domain, stage.reduce, stage.combine, stage.constraints, stage.guards,
-              stage.accumulate, stage.differentiable, stage.role, stage.note, stage.mode, stage.lanes,
-              stage.packed, rank[stage.out], tuple(rank[a] for a in stage.argmax))
-    return (pattern, fields, fingerprint(stage.body, token), token(r), accumulate, shape), names
+    shared = (pattern, fingerprint(stage.body, token), token(r), rank[stage.out], stage.out_index,
+              tuple(v for v, _ in stage.domain), tuple(v for v, _ in stage.reduce), stage.combine,
+              tuple(rank[a] for a in stage.argmax))
+    sizes = (stage.domain, stage.reduce, stage.constraints, stage.guards, stage.accumulate, stage.differentiable,
+             stage.role, stage.note, stage.mode, stage.lanes, stage.packed)
+    return shared, sizes, names
 
 
 def remember(table: dict, key, value) -> None:
@@ -117,10 +133,10 @@ def relabel_stage(s: Stage, names: dict) -> Stage:
 
 
 def local_derivative(stage: Stage, r: sympy.Indexed):
-    reads = stage.reads()
+    reads = reads_of(stage.body)
     d = body_derivative(stage.body, reads, reads.index(r))
-    out_read = read(stage.out, *(e.to_sympy() for e in stage.out_index))
     if stage.combine == "max":
+        out_read = read(stage.out, *(e.to_sympy() for e in stage.out_index))
         if len(stage.argmax) != len(stage.reduce):  # zip would drop the routing: a sum over the window
             raise CompileError(f"internal: max stage {stage.out} of layer {stage.layer!r} records "
                                f"{len(stage.argmax)} winner tensors for {len(stage.reduce)} window variables; "
@@ -129,8 +145,21 @@ def local_derivative(stage: Stage, r: sympy.Indexed):
         for (v, _), winner in zip(stage.reduce, stage.argmax):
             d = d * sympy.KroneckerDelta(var(v), read(winner, *out_read.indices))
     elif stage.combine is None and stage.body.has(sympy.Function):
+        out_read = read(stage.out, *(e.to_sympy() for e in stage.out_index))
         d = d.xreplace({stage.body: out_read})  # f'(z) in terms of f(z): σ(1−σ), 1−tanh², e^z
     return d
+
+
+_reads: dict = {}  # body → its reads in `Stage.reads` order
+
+
+def reads_of(body) -> list:
+    """`Stage.reads` of a body, sorted once per body (the derivation asks for each read)."""
+    found = _reads.get(body)
+    if found is None:
+        found = sorted(body.atoms(sympy.Indexed), key=sympy.default_sort_key)
+        remember(_reads, body, found)
+    return found
 
 
 def body_derivative(body, reads: list, k: int):
@@ -157,13 +186,15 @@ def placeholder_derivative(body, reads: list, k: int, keep: bool = False):
     return (tuple(reals), d) if keep else d.xreplace(dict(zip(reals, reads)))
 
 
-def transpose(stage: Stage, r: sympy.Indexed, accumulate: bool, shape: tuple) -> list[Stage]:
-    """Turn ``dT[f(I,R)] += dOut[g(I)]·local`` into a gather stage over ``dT``'s index."""
-    local = local_derivative(stage, r)
-    if local == 0:
-        return []
-    d_out = read(grad_name(stage.out), *(e.to_sympy() for e in stage.out_index))
-    contribution = d_out * local
+def transpose(stage: Stage, r: sympy.Indexed, accumulate: bool, shape: tuple, body=None) -> list[Stage]:
+    """Turn ``dT[f(I,R)] += dOut[g(I)]·local`` into a gather stage over ``dT``'s index. ``body``:
+    the gather's body where it is known already (`derive_read`), else derived here."""
+    if body is None:
+        local = local_derivative(stage, r)
+        if local == 0:
+            return []
+        d_out = read(grad_name(stage.out), *(e.to_sympy() for e in stage.out_index))
+        contribution = d_out * local
     extents = dict(stage.domain) | dict(stage.reduce)
     index = stage.read_index(r)
     taken = set(extents)
@@ -226,8 +257,9 @@ def transpose(stage: Stage, r: sympy.Indexed, accumulate: bool, shape: tuple) ->
         constraints.append(Box(solution, 0, extents[v] - 1))
     constraints = [Box(c.expr.subs(subst), c.lo, c.hi) for c in constraints]
     guards = [Divides(gd.expr.subs(subst), gd.modulus) for gd in guards]
-    symbols = {v: var(v) for v in list(extents) + outer + lattice}
-    body = contribution.xreplace({var(v): s.to_sympy(symbols) for v, s in subst.items()})
+    if body is None:
+        symbols = {v: var(v) for v in list(extents) + outer + lattice}
+        body = contribution.xreplace({var(v): s.to_sympy(symbols) for v, s in subst.items()})
     remaining = tuple((v, ext) for v, ext in list(stage.domain) + list(stage.reduce)
                       if v not in subst and v not in outer) + tuple((t, None) for t in lattice)
     return [Stage(out=grad_name(tensor_of(r)), out_index=tuple(Affine.var(u) for u in outer),
