@@ -33,7 +33,7 @@ def grad_name(tensor: str) -> str:
 def requires_grad(stages: list[Stage], sources: set[str]) -> set[str]:
     need = set(sources)
     for s in stages:
-        if s.differentiable and any(tensor_of(r) in need for r in reads_of(s.body)):
+        if s.differentiable and not need.isdisjoint(tensor_names(s.body)):
             need.add(s.out)
     return need
 
@@ -94,6 +94,11 @@ def derive_read(stage: Stage, r: sympy.Indexed, accumulate: bool, shape: tuple) 
             transpose(stage, r, accumulate, shape, relabel(body, renaming(template, names)))
     remember(_transposed, key, (names, stages))
     return stages
+
+
+def read_index_text(s: Stage) -> str:
+    """The index part of a gradient stage's ``wrt`` (the read of ``T`` it transposes writes ``dL/dT``)."""
+    return s.wrt[len(s.out) - len(grad_name("")):]
 
 
 def renaming(template: list[str], names: list[str]) -> dict[str, str]:
