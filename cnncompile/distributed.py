@@ -9,6 +9,13 @@ reproducible whatever algorithm the MPI library picks. Every rank then runs the 
 phase (the optimizer's and the running statistics' update stages, the same ones the fused
 ``train`` step runs) on the same sums, so parameters stay identical without being sent.
 
+With ``MPIOptions(overlap=True)`` the sums overlap the backward, as PyTorch's DDP does: the
+grads phase is also compiled as segments cut after the gradients that close each bucket (the
+backward completes the last layers' gradients first), and after each segment the sums of the
+buckets it completed start without waiting (`Group.start_sum`); the update waits for them all.
+Each element is still added in rank order, so the sums are the same bits either way (a cut does
+end a fused kernel, whose parts may then round differently: within the float32 bound).
+
 Randomness stays tied to (seed, step, position in the global batch): dropout masks and
 augmentation maps are drawn for the whole global batch on every rank (cheap) and each keeps its
 own rows, so the number of ranks does not change what an example sees.
@@ -24,6 +31,7 @@ aborts the whole job (`MPI.COMM_WORLD.Abort`), and every collective waits at mos
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import sys
@@ -142,6 +150,34 @@ def rows(n: int, rank: int, size: int) -> slice:
     return slice(rank * n // size, (rank + 1) * n // size)
 
 
+class Sum:
+    """One elementwise sum over the ranks in flight: a reduce-scatter (each rank owns a slice of
+    the vector and adds the ranks' contributions to it in rank order), then an allgather of the
+    slices into `out`. The order of the additions never depends on timing or on how the vectors
+    are cut into sums, so every rank gets the same bits in every run."""
+
+    def __init__(self, values: np.ndarray, size: int, rank: int):
+        n = len(values)
+        bounds = [rows(n, k, size) for k in range(size)]
+        self.counts, self.starts = [b.stop - b.start for b in bounds], [b.start for b in bounds]
+        self.rank, self.size = rank, size
+        self.request = self.received = None
+        self.gathering = size == 1
+        self.out = values.copy() if size == 1 else np.empty_like(values)
+
+    def gather(self, comm) -> None:
+        """The reduce-scatter has completed: add this rank's slice up in rank order, start the allgather."""
+        mine = self.counts[self.rank]
+        part = self.received[:mine].copy()
+        for k in range(1, self.size):
+            part += self.received[k * mine:(k + 1) * mine]
+        self.request = comm.Iallgatherv(part, [self.out, (self.counts, self.starts)])
+        self.gathering = True
+
+    def done(self) -> bool:
+        return self.gathering and (self.request is None or self.request.Test())
+
+
 class Group:
     """The ranks training together, and the collectives training needs."""
 
@@ -151,6 +187,8 @@ class Group:
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.timeout = timeout_seconds()
+        self.gathers = self.comm.Dup()  # the sums' allgathers, started as their reduce-scatters complete
+        self.started: list[Sum] = []  # sums whose reduce-scatter is in flight, in the order started
         install_abort_hook()
 
     def rows(self, n: int) -> slice:
@@ -159,11 +197,16 @@ class Group:
     def wait(self, request, what: str) -> None:
         """Wait for a nonblocking collective, at most ``timeout`` seconds (then abort the job:
         another rank is gone or stuck)."""
-        if request.Test():
+        self.until(request.Test, what)
+
+    def until(self, done, what: str) -> None:
+        """Call ``done()`` (which drives MPI's progress) until it is true, at most ``timeout``
+        seconds (then abort the job: another rank is gone or stuck)."""
+        if done():
             return
         started = time.monotonic()
         nap = 0.0
-        while not request.Test():  # each Test also drives the collective's progress
+        while not done():  # each Test also drives the collectives' progress
             waited = time.monotonic() - started
             if waited > self.timeout:
                 print(f"cnncompile (rank {self.rank}): {what} did not complete in {self.timeout:g}s "
@@ -173,29 +216,41 @@ class Group:
                 nap = min(max(nap * 2, 10e-6), 200e-6)
                 time.sleep(nap)
 
+    def start_sum(self, values: np.ndarray) -> "Sum":
+        """Start summing the ranks' ``values`` elementwise in rank order (`sum`) without waiting:
+        the reduce-scatter starts now; `progress` starts the allgather once it has completed."""
+        values = np.ascontiguousarray(values)
+        total = Sum(values, self.size, self.rank)
+        if self.size > 1:
+            mine = total.counts[self.rank]
+            total.received = np.empty(mine * self.size, values.dtype)
+            total.request = self.comm.Ialltoallv([values, (total.counts, total.starts)],
+                                                 [total.received, ([mine] * self.size,
+                                                                   [mine * k for k in range(self.size)])])
+            self.started.append(total)
+        return total
+
+    def progress(self) -> None:
+        """Drive the sums in flight: each whose reduce-scatter has completed adds up its slice and
+        starts its allgather, in the order the sums were started (every rank starts the
+        collectives on each communicator in the same order, as MPI requires)."""
+        while self.started and self.started[0].request.Test():
+            self.started.pop(0).gather(self.gathers)
+
+    def finish(self, sums: list, what: str = "the gradient sum") -> None:
+        """Wait until every one of ``sums`` has its result (`Sum.out`)."""
+        def done():
+            self.progress()
+            return all(s.done() for s in sums)
+        self.until(done, what)
+
     def sum(self, values: np.ndarray) -> np.ndarray:
         """The ranks' ``values`` summed elementwise in rank order, on every rank: a reduce-scatter
         (each rank adds up its slice) and an allgather, bitwise the same on every rank and in
         every run."""
-        values = np.ascontiguousarray(values)
-        n, size = len(values), self.size
-        if size == 1:
-            return values.copy()
-        bounds = [rows(n, k, size) for k in range(size)]
-        counts = [b.stop - b.start for b in bounds]
-        starts = [b.start for b in bounds]
-        mine = counts[self.rank]
-        received = np.empty(mine * size, values.dtype)
-        request = self.comm.Ialltoallv([values, (counts, starts)],
-                                       [received, ([mine] * size, [mine * k for k in range(size)])])
-        self.wait(request, "the gradient reduce-scatter")
-        part = received[:mine].copy()
-        for k in range(1, size):
-            part += received[k * mine:(k + 1) * mine]
-        out = np.empty_like(values)
-        request = self.comm.Iallgatherv(part, [out, (counts, starts)])
-        self.wait(request, "the gradient allgather")
-        return out
+        total = self.start_sum(values)
+        self.finish([total])
+        return total.out
 
     def total(self, *numbers: float) -> list[float]:
         """Python numbers summed over the ranks in rank order (exact for counts)."""
@@ -231,6 +286,15 @@ class SingleProcess:
 
     def sum(self, values: np.ndarray) -> np.ndarray:
         return np.array(values, copy=True)
+
+    def start_sum(self, values: np.ndarray) -> Sum:
+        return Sum(np.ascontiguousarray(values), 1, 0)
+
+    def progress(self) -> None:
+        pass
+
+    def finish(self, sums: list, what: str = "") -> None:
+        pass
 
     def total(self, *numbers: float) -> list[float]:
         return [float(v) for v in numbers]
@@ -269,51 +333,155 @@ def program_digest(model) -> str:
     return h.hexdigest()[:32]
 
 
+@dataclasses.dataclass(frozen=True)
+class MPIOptions:
+    """``cc.compile(..., distributed=MPIOptions(overlap=True, bucket_mb=0.25))``: data-parallel
+    over MPI with these settings (``distributed="mpi"`` takes the defaults).
+
+    ``overlap``: cut the grads phase into buckets of gradients, in the order the backward
+    completes them, and start each bucket's sum as soon as its segment has run, while the
+    earlier layers' gradients are still being computed (as PyTorch's DDP does). ``bucket_mb``:
+    a bucket's size in MB (DDP's default 25; a bucket closes once it holds at least this much).
+    The sums are the same bits with overlap on or off (`Sum`)."""
+
+    overlap: bool = False
+    bucket_mb: float = 25.0
+
+    def __post_init__(self):
+        if not isinstance(self.overlap, bool):
+            raise CompileError(f"MPIOptions: overlap must be True or False, got {self.overlap!r}")
+        if not isinstance(self.bucket_mb, (int, float)) or not self.bucket_mb > 0:
+            raise CompileError(f"MPIOptions: bucket_mb must be a positive number of MB, got {self.bucket_mb!r}")
+
+
+def options(distributed) -> MPIOptions:
+    if isinstance(distributed, MPIOptions):
+        return distributed
+    if distributed == "mpi":
+        return MPIOptions()
+    raise CompileError(f"distributed must be 'mpi', a cnncompile.distributed.MPIOptions(overlap=..., bucket_mb=...) "
+                       f"or None, got {distributed!r}")
+
+
 def distribute(model, distributed="mpi", comm=None):
     """Make ``model`` train data-parallel over the MPI ranks (all ranks call this together).
     Checks that every rank compiled the same program, then copies rank 0's parameters, optimizer
-    state and counters to the others (so a checkpoint loaded on rank 0 alone would do too)."""
-    if distributed != "mpi":
-        raise CompileError(f"distributed must be 'mpi' (or None), got {distributed!r}")
+    state and counters to the others (so a checkpoint loaded on rank 0 alone would do too).
+    ``distributed``: "mpi" or `MPIOptions` (overlap of the sum with the backward, bucket size)."""
+    settings = options(distributed)
     group = Group(comm)
-    digests = group.gather_digests(program_digest(model))
+    digests = group.gather_digests(hashlib.sha256((program_digest(model) + repr(settings)).encode()).hexdigest()[:32])
     if len(set(digests)) > 1:
         others = [k for k, d in enumerate(digests) if d != digests[0]]
         group.refuse(CompileError(
             f"distributed: rank(s) {others} compiled a different program than rank 0 (the network, loss, optimizer "
-            f"and its learning rate, backend, dtype and cnncompile's source must be the same on every rank); this "
-            f"is rank {group.rank}, digest {digests[group.rank]} against rank 0's {digests[0]}"))
-    model.distributed = Reducer(model, group)
+            f"and its learning rate, backend, dtype, the MPIOptions and cnncompile's source must be the same on "
+            f"every rank); this is rank {group.rank}, digest {digests[group.rank]} against rank 0's {digests[0]}"))
+    model.distributed = Reducer(model, group, settings)
     model.distributed.synchronize(model)
     return model
 
 
-class Reducer:
-    """A model's data-parallel step: shard → grads → fixed-order sum → update."""
+def completion(prog) -> dict:
+    """Each tensor the grads phase writes → the index (in the phase's stages) of its last writer."""
+    return {st.out: i for i, (_, _, st) in enumerate(prog.phase_stages("grads"))}
 
-    def __init__(self, model, group):
+
+def plan_buckets(prog, names: list, closers: set, itemsize: int, bucket_bytes: float) -> list[list[str]]:
+    """``names`` in the order the grads phase completes them (the last layers' gradients first),
+    cut into buckets that close once they hold ``bucket_bytes`` (the last one may hold less).
+    Only a name in ``closers`` (a parameter gradient) closes a bucket: the grads phase is then
+    cut after it, and never where synchronized batch norm cuts it."""
+    done = completion(prog)
+    buckets, current, held = [], [], 0
+    for name in sorted(names, key=lambda n: done.get(n, len(done))):
+        current.append(name)
+        held += int(np.prod(prog.tensors[name].shape)) * itemsize
+        if held >= bucket_bytes and name in closers:
+            buckets.append(current)
+            current, held = [], 0
+    return buckets + [current] if current else buckets
+
+
+def recut(model, cuts: list[str]) -> None:
+    """Give ``model`` an executable whose grads phase is also compiled as segments cut after
+    ``cuts`` (besides synchronized batch norm's cuts, which stay; the derived stages do not
+    change), from the program cache when an earlier run compiled the same, and move the state
+    (parameters, optimizer state, running statistics) into it."""
+    from . import program_cache
+    prog, old = model.prog, model.executable
+    keep = set(sync_cuts(prog, model.tracer.graph))
+    wanted = [c for c in prog.cuts if c in keep] + [c for c in cuts if c not in keep]
+    if wanted == prog.cuts:
+        return
+    kind = type(old)
+    same = {"target": old.target} if hasattr(old, "target") else {}  # (the LLVM backend's target, kept)
+    name = program_cache.key(model.tracer.graph, prog.outputs + [f"dL/d{t}" for t in prog.grad_inputs],
+                             prog.loss_name, model.optimizer, kind.name, model.dtype,
+                             kind.codegen_options(**same) + (("cuts", *wanted),))
+    entry = program_cache.load(name)
+    if entry is not None:
+        prog, executable = entry["prog"], kind(entry["prog"], model.dtype, manifest=entry["manifest"], **same)
+    else:
+        prog = dataclasses.replace(prog, cuts=wanted)
+        executable = kind(prog, model.dtype, **same)
+        program_cache.store(name, {"prog": prog, "manifest": executable.manifest()})
+    with old.lock:
+        for key, value in old.state.items():
+            executable.state[key][...] = value
+    model.prog, model.executable = prog, executable
+
+
+class Reducer:
+    """A model's data-parallel step: shard → grads (in segments, starting the sums of finished
+    buckets) → fixed-order sums → update."""
+
+    def __init__(self, model, group, settings: MPIOptions | None = None):
         self.group, self.rank, self.size = group, group.rank, group.size
+        self.settings = settings = settings or MPIOptions()
         self.seconds = {"grads": 0.0, "sum": 0.0, "update": 0.0}  # where this rank's steps went
         prog = model.prog
         self.grads = [grad_name(p) for p in prog.params]
         self.stats = sorted(update_reads(prog) - set(self.grads))
-        self.layout, at = [], 1  # slot 0: the loss
-        for name in self.grads + self.stats:
-            shape = tuple(prog.tensors[name].shape)
-            self.layout.append((name, at, shape))
-            at += int(np.prod(shape))
-        self.buffer = np.zeros(at, model.dtype)
-        self.segments = []  # synchronized batch norm: (phase, names summed after it) per segment of grads
-        if prog.cuts:
-            from cnncompile.ir.expr import SEGMENT
-            parts = prog.segments()
-            last = {name: max(k for k, part in enumerate(parts) for _, _, st in part if st.out == name)
-                    for name in prog.cuts}
-            self.segments = [(f"{SEGMENT}{k}", [n for n in prog.cuts if last[n] == k]) for k in range(len(parts))]
+        summed = [prog.loss_name] + self.grads + self.stats  # handed from grads to update, weighted by share
+        if settings.overlap:
+            buckets = plan_buckets(prog, summed, set(self.grads), model.dtype.itemsize, settings.bucket_mb * 1e6)
+            recut(model, [bucket[-1] for bucket in buckets[:-1]])
+            prog = model.prog
+        else:
+            buckets = [summed]
+        self.synced = [c for c in prog.cuts if c in set(sync_cuts(prog, model.tracer.graph))]
+        self.buckets = []  # (layout [(name, offset, size)], the flat buffer this rank sends)
+        for names in buckets:
+            layout, at = [], 0
+            for name in names:
+                size = int(np.prod(prog.tensors[name].shape))
+                layout.append((name, at, size))
+                at += size
+            self.buckets.append((layout, np.zeros(at, model.dtype)))
+        self.segments = self.plan_segments(prog, buckets)
         self.unbias = {}  # synchronized: running variance's n/(n−1) as one process on the global batch has it
         for name in self.stats:
-            if prog.cuts and name.endswith(".var") and name[:-4] in prog.tensors:
+            if self.synced and name.endswith(".var") and name[:-4] in prog.tensors:
                 self.unbias[name] = int(np.prod(prog.tensors[name[:-4]].shape[2:]))
+
+    def plan_segments(self, prog, buckets: list) -> list[tuple[str, list[str], list[int]]]:
+        """(phase, statistics synchronized after it, buckets complete after it) for each segment
+        the grads phase runs in (the whole phase when it is not cut)."""
+        from cnncompile.ir.expr import SEGMENT
+        if not prog.cuts:
+            return [("grads", [], list(range(len(buckets))))]
+        done, ends, at = completion(prog), [], 0
+        for part in prog.segments():
+            at += len(part)
+            ends.append(at - 1)  # index of the segment's last stage
+
+        def segment(name):
+            return next(k for k, end in enumerate(ends) if done.get(name, ends[-1]) <= end)
+
+        closes = [max(segment(n) for n in names) for names in buckets]
+        return [(f"{SEGMENT}{k}", [n for n in self.synced if segment(n) == k],
+                 [j for j, c in enumerate(closes) if c == k]) for k in range(len(ends))]
 
     def synchronize(self, model) -> None:
         """Rank 0's parameters, optimizer state and counters on every rank."""
@@ -344,38 +512,32 @@ class Reducer:
         if n != self.rows(total).stop - self.rows(total).start:
             raise ValueError(f"distributed step: this rank (rank {self.rank}) holds {n} rows of a global batch "
                              f"of {total}; it must hold rows {self.rows(total)}")
-        executable, buffer = model.executable, self.buffer
+        executable = model.executable
         with executable.lock:
             first = self.rows(total).start
             scalars = {**model.optimizer.scalars(model.step + 1),
                        **counter_scalars(model.bn_calls, model.batches_tracked)}
             masks = model.noise(n, rows=(first, total))  # drawn for the global batch on every rank
-            outputs = []
+            feeds, outputs = {}, []
             if n:
                 x, feeds = model._feeds(x, y)
                 if model.batchnorms:
                     validate.batch_statistics(n, model.prog, model.batchnorms)
                 feeds.update(masks)
-                env = self.run_grads(executable, n, total, feeds, scalars)
-                weight = n / total
-                buffer[0] = env[model.prog.loss_name][0] * weight
-                for name, at, shape in self.layout:
-                    np.multiply(env[name].reshape(-1), weight, out=buffer[at:at + env[name].size])
+            sums, env = self.run_grads(model, executable, n, total, feeds, scalars)
+            if n:
                 outputs = [env[t.name].copy() for _, t in model.heads]
-            else:  # a last batch smaller than the rank count: nothing to add
-                for _, names in self.segments:  # (but take part in the sums of synchronized batch norm)
-                    self.group.sum(np.zeros(sum(int(np.prod(model.prog.tensors[t].shape)) for t in names),
-                                            model.dtype))
-                buffer[...] = 0
             started = time.perf_counter()
-            summed = self.group.sum(buffer)
+            self.group.finish(sums)
             self.seconds["sum"] += time.perf_counter() - started
-            loss = float(summed[0])
-            if model.nan_guard and not np.all(np.isfinite(summed)):
+            summed = {name: done.out[at:at + size] for (layout, _), done in zip(self.buckets, sums)
+                      for name, at, size in layout}
+            loss = float(summed.pop(model.prog.loss_name)[0])
+            if model.nan_guard and not (np.isfinite(loss) and all(np.all(np.isfinite(v)) for v in summed.values())):
                 raise FloatingPointError(f"NaN guard: step {model.step + 1} produced a non-finite loss or gradient "
                                          f"(the parameters are left as they were before this step); lower the "
                                          f"learning rate or check the data")
-            feeds = {name: summed[at:at + int(np.prod(shape))].reshape(shape) for name, at, shape in self.layout}
+            feeds = {name: value.reshape(model.prog.tensors[name].shape) for name, value in summed.items()}
             batch = -(-total // self.size)
             for name, area in self.unbias.items():  # the update multiplies by c/(c−1) with c = batch · area
                 c, mine = total * area, batch * area
@@ -388,23 +550,37 @@ class Reducer:
             model.batches_tracked += 1
         return loss, outputs
 
-    def run_grads(self, executable, n: int, total: int, feeds: dict, scalars: dict):
-        """The grads phase on this rank's ``n`` rows; synchronized batch norm runs it segment by
-        segment, replacing each batch statistic (and its gradient) by the share-weighted sum
-        over the ranks before the next segment reads it."""
+    def run_grads(self, model, executable, n: int, total: int, feeds: dict, scalars: dict):
+        """The grads phase on this rank's ``n`` rows, segment by segment (one segment when it is
+        not cut): after a segment, synchronized batch norm's statistics (and their gradients)
+        are replaced by their share-weighted sums over the ranks, and the sums of the buckets it
+        completed start (each rank's values weighted by its share of the batch). A rank with no
+        rows (a last batch smaller than the rank count) adds zeros to every sum. Returns the
+        bucket sums in flight and the buffers."""
         started = time.perf_counter()
-        if not self.segments:
-            env = executable.run("grads", n, feeds, scalars)
-        for k, (phase, names) in enumerate(self.segments):
-            env = executable.run(phase, n, feeds if k == 0 else {}, scalars)
-            if names:
-                summed = self.group.sum(np.concatenate([env[t].reshape(-1) * (n / total) for t in names]))
-                at = 0
-                for t in names:
-                    env[t][...] = summed[at:at + env[t].size].reshape(env[t].shape)
-                    at += env[t].size
+        env, sums, weight = None, [], n / total
+        for k, (phase, synced, complete) in enumerate(self.segments):
+            if n:
+                env = executable.run(phase, n, feeds if k == 0 else {}, scalars)
+                if synced:
+                    summed = self.group.sum(np.concatenate([env[t].reshape(-1) * weight for t in synced]))
+                    at = 0
+                    for t in synced:
+                        env[t][...] = summed[at:at + env[t].size].reshape(env[t].shape)
+                        at += env[t].size
+            elif synced:
+                self.group.sum(np.zeros(sum(int(np.prod(model.prog.tensors[t].shape)) for t in synced), model.dtype))
+            for j in complete:
+                layout, buffer = self.buckets[j]
+                for name, at, size in layout:
+                    if n:
+                        np.multiply(env[name].reshape(-1), weight, out=buffer[at:at + size])
+                    else:
+                        buffer[at:at + size] = 0
+                sums.append(self.group.start_sum(buffer))
+            self.group.progress()
         self.seconds["grads"] += time.perf_counter() - started
-        return env
+        return sums, env
 
     def augment(self, augment, x, y, rng, total: int):
         """This rank's rows of the augmented global batch: the maps are drawn for all ``total``

@@ -59,13 +59,14 @@ def assert_close(got: dict, want: dict) -> None:
         assert float(np.abs(got[k] - want[k]).max()) <= 1e-5 * scale, k
 
 
-@pytest.mark.parametrize("sync", [False, True])
-def test_split_step_equals_fused_step_in_one_process(sync):
-    """The step as ranks run it (grads phase, or with synchronized batch norm its segments, the
-    sum, the update phase), in one process without MPI, trains like the fused train step: batch
-    norm (running statistics too), dropout, augmentation, an uneven last batch, validation, over
-    two epochs."""
-    from cnncompile.distributed import Reducer, SingleProcess
+@pytest.mark.parametrize("sync, overlap", [(False, False), (True, False), (False, True), (True, True)])
+def test_split_step_equals_fused_step_in_one_process(sync, overlap):
+    """The step as ranks run it (grads phase, or with synchronized batch norm or overlapped sums
+    its segments, the sums, the update phase), in one process without MPI, trains like the fused
+    train step: batch norm (running statistics too), dropout, augmentation, an uneven last batch,
+    validation, over two epochs. With overlap and a tiny bucket size every summed tensor is a
+    bucket of its own, and the grads phase is cut after each but the last."""
+    from cnncompile.distributed import MPIOptions, Reducer, SingleProcess
 
     def network():
         return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
@@ -74,8 +75,11 @@ def test_split_step_equals_fused_step_in_one_process(sync):
     x, y = script.data()
     models = [cc.compile(network(), script.SHAPE, nn.CrossEntropyLoss(), cc.optim.SGD(0.05, momentum=0.9), seed=3,
                          sync_batchnorm=synchronized) for synchronized in (False, sync)]
-    models[1].distributed = Reducer(models[1], SingleProcess())
-    assert len(models[1].distributed.segments) == (5 if sync else 0)  # cut after μ, σ², ∂L/∂σ², ∂L/∂μ
+    models[1].distributed = Reducer(models[1], SingleProcess(), MPIOptions(overlap=overlap, bucket_mb=1e-9))
+    buckets = 6 if overlap else 1  # one per parameter gradient (the first also holds loss and batch statistics)
+    assert len(models[1].distributed.buckets) == buckets
+    cuts = 4 * sync + buckets - 1  # sync: after μ, σ², ∂L/∂σ², ∂L/∂μ; overlap: after each bucket but the last
+    assert len(models[1].distributed.segments) == cuts + 1
     histories = [m.fit((x, y), epochs=2, batch_size=8, seed=1, validation=(x[:9], y[:9]), verbose=False,
                        augment=cc.Augment(rotation=15, translation=2)) for m in models]
     for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
@@ -94,6 +98,32 @@ def test_two_ranks_equal_one_process(tmp_path, case):
     two = train(2, case, tmp_path / "two.npz")
     assert int(two["step"]) == 5 and len(two["loss"]) == (5 if case == "train_step" else 1)
     assert_close(two, one)
+
+
+@pytest.mark.parametrize("case", ["sgd", "bn", "sync_bn"])
+def test_overlapped_sums_train_like_sums_after_the_backward(tmp_path, case):
+    """With overlap and a tiny bucket size (every parameter gradient a bucket of its own: the
+    grads phase cut after each, each bucket's sum started before the earlier layers' gradients
+    are computed), 2 ranks end 5 steps (SGD with momentum; batch norm with per-rank or
+    synchronized statistics) within the float32 bound of 2 ranks summing after the whole
+    backward and (but per-rank batch norm, which one process does not compute) of one process.
+    Not bit for bit in general: a cut ends a fused kernel, whose parts then add in another order
+    (the sums themselves are the same bits: `test_bucketed_sums_are_the_same_bits`)."""
+    plain = train(2, case, tmp_path / "plain.npz")
+    overlapped = train(2, case, tmp_path / "overlapped.npz", "--overlap", 1e-9)
+    assert int(overlapped.pop("buckets")) == (6 if case == "sgd" else 8)  # one per parameter tensor
+    assert_close(overlapped, plain)
+    if case != "bn":
+        assert_close(overlapped, train(1, case, tmp_path / "one.npz"))
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_bucketed_sums_are_the_same_bits(ranks):
+    """Sums started one after another without waiting (buckets, with a blocking sum between them
+    as synchronized batch norm makes) give every rank the same bits as one sum of the whole
+    vector and as adding the ranks' vectors in rank order."""
+    done = run(ranks, HERE / "mpi_scripts" / "sums.py", timeout=120)
+    assert done.stdout.count("same bits") == ranks, done.stdout + done.stderr
 
 
 def test_batch_norm_uses_each_ranks_statistics(tmp_path):

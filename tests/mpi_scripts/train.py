@@ -2,6 +2,7 @@
 (the reference) or under ``mpirun -n 2`` (data-parallel); rank 0 writes the final state.
 
 python train.py CASE OUT.npz [--epochs E] [--checkpoint P] [--resume P] [--fail raise|kill]
+                 [--overlap BUCKET_MB]
 """
 import argparse
 import os
@@ -12,7 +13,7 @@ import numpy as np
 
 import cnncompile as cc
 from cnncompile import nn
-from cnncompile.distributed import launched_size
+from cnncompile.distributed import MPIOptions, launched_size
 
 N, BATCH, SHAPE = 37, 8, (1, 12, 12)  # 5 steps an epoch, the last one 5 examples (uneven over 2 ranks)
 
@@ -50,14 +51,16 @@ def main():
     parser.add_argument("--checkpoint")
     parser.add_argument("--resume")
     parser.add_argument("--fail", choices=["raise", "kill"])
+    parser.add_argument("--overlap", type=float, help="overlap the sums with the backward, buckets of this many MB")
     args = parser.parse_args()
-    distributed = "mpi" if launched_size() > 1 else None
+    distributed = None if launched_size() <= 1 else \
+        MPIOptions(overlap=True, bucket_mb=args.overlap) if args.overlap else "mpi"
     net = network(args.case)
     if args.resume:
         model = cc.load(args.resume, net=net)
         if distributed:
             from cnncompile.distributed import distribute
-            distribute(model)
+            distribute(model, distributed)
     else:
         model = cc.compile(net, SHAPE, nn.CrossEntropyLoss(), optimizer(args.case), seed=3, distributed=distributed,
                            sync_batchnorm=args.case == "sync_bn" and distributed is not None)
@@ -79,7 +82,8 @@ def main():
     rank = model.distributed.rank if model.distributed else 0
     if rank == 0:
         state = {f"state/{k}": v for k, v in model.state_dict().items()}
-        np.savez(args.out, loss=np.array(model.history.get("loss", losses)), step=model.step, **state)
+        extra = {"buckets": len(model.distributed.buckets)} if args.overlap and model.distributed else {}
+        np.savez(args.out, loss=np.array(model.history.get("loss", losses)), step=model.step, **state, **extra)
     print(f"rank {rank} done", file=sys.stderr)
 
 
