@@ -6,7 +6,8 @@ qualified name, so parameters keep PyTorch's ``state_dict`` names; the graph's f
 (``F.relu``, ``torch.cat``, ``x.view(x.size(0), -1)``, ``+``, ``x.mean((2, 3))``, …) are replayed on
 traced tensors. A converted layer's initial values are the torch module's own parameters and
 buffers. A node without a mapping is a `CompileError` naming it, raised when the module is
-converted: nothing is ever left out.
+converted: nothing is ever left out. A forward torch.fx cannot trace (Python control flow on
+shapes or values) goes through torch.export instead (`torch_export.py`).
 
 torch is not imported here: a torch module can only reach this file if torch is loaded already.
 """
@@ -122,7 +123,11 @@ def convert(module, where: str = "") -> Module:
         return adopt(make(module), module, where)
     if isinstance(module, torch.nn.ModuleList):
         return ModuleList(convert(m, f"{where}.{k}") for k, m in enumerate(module))
-    return TorchGraph(module, where)
+    try:
+        return TorchGraph(module, where)
+    except FxTraceError as exc:  # Python control flow on shapes: torch.export settles it per input size
+        from .torch_export import ExportGraph
+        return ExportGraph(module, where, exc.__cause__ or exc)
 
 
 # ----- functions and methods of an fx graph (and of torch calls on traced tensors) -----------------
@@ -332,6 +337,10 @@ def call_torch_function(func, args, kwargs):
 
 
 # ----- whole modules: the fx graph replayed ---------------------------------------------------------
+class FxTraceError(CompileError):
+    """torch.fx could not trace a forward (the caller falls back to torch.export)."""
+
+
 def fx_trace(module, where: str):
     """The module's fx graph, traced in training mode (so ``F.dropout(x, training=self.training)`` is
     recorded: the compiled model has its own train/eval modes); the module's modes are restored."""
@@ -341,7 +350,7 @@ def fx_trace(module, where: str):
     try:
         return torch.fx.symbolic_trace(module)
     except Exception as exc:  # fx refuses data-dependent control flow, unsupported Python, …
-        raise CompileError(f"{where} ({type(module).__name__}): torch.fx cannot trace its forward "
+        raise FxTraceError(f"{where} ({type(module).__name__}): torch.fx cannot trace its forward "
                            f"({type(exc).__name__}: {exc}); write the data-dependent part without Python "
                            f"control flow on tensors, or describe the network in cnncompile.nn") from exc
     finally:
