@@ -87,6 +87,20 @@ def test_random_networks_derive_the_same_program_with_and_without_memoization(mo
     assert len(tried) >= 10
 
 
+@pytest.mark.parametrize("size", [13, 15, 18])
+def test_strided_dilated_windows_of_several_sizes_derive_the_same_program(size, monkeypatch):
+    """Lattice transpositions (stride and dilation sharing a factor) reuse gradient bodies across
+    map sizes: the ranges are solved again for each."""
+    net = cnn.Sequential(cnn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2), cnn.ReLU(),
+                         cnn.Conv2d(3, 3, (2, 3), stride=2, padding=1, dilation=2), cnn.MaxPool2d(2, 1),
+                         cnn.AvgPool2d(2, 1, 1), cnn.Flatten())
+    shape = (2, size, size)
+    d = derivation(net, shape, cnn.MSELoss())
+    memo, plain = derived_both_ways(d, monkeypatch)
+    assert_same_program(memo, plain)
+    assert any(s.guards for s in plain.backward) or any(v for s in plain.backward for v, ext in s.reduce if ext is None)
+
+
 def explained(name: str) -> str:
     """Every layer in both notations and as LaTeX, and one layer from its own derivation."""
     d = example(name)
