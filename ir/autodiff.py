@@ -9,6 +9,12 @@ For a stage ``out[g(I)] = combine_R body`` and each read ``T[f(I, R)]`` in ``bod
    ``u = f(I, R)`` for variables with coefficient ±1 (or through a lattice when there is none)
    turns it into a gather over ``u`` whose eliminated variables' ranges become constraints;
 3. accumulation: contributions of several reads of one tensor add into one gradient.
+
+Networks repeat formulas under other names (ResNet's blocks), so each step is done once per
+canonical form (`ir.canonical`): a transposition per stage and read up to tensor names, its body
+up to names and sizes, a local derivative per body with its reads as placeholders. The result is
+the one a derivation of its own gives, argument for argument (``CNNCOMPILE_DERIVE_MEMO=0``
+derives every read afresh; the tests compare the two).
 """
 from __future__ import annotations
 
