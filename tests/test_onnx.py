@@ -32,11 +32,16 @@ def outputs_of(pred) -> list[np.ndarray]:
     return list(pred) if isinstance(pred, tuple) else [pred]
 
 
+def relative(got, want) -> float:
+    """The largest difference relative to the reference's scale (taken as at least 1e-6)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-6))
+
+
 def assert_close(got, want, tol=1e-5, what=""):
     """Equal within ``tol`` of the output's scale."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape
-    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)
+    assert np.shape(got) == np.shape(want)
+    err = relative(got, want)
     assert err < tol, f"{what} relative error {err:.2e}"
 
 
@@ -296,6 +301,9 @@ def fine_tune_against_torch(module, model, shape, rng, regression=False, batch=6
     trained = {k: v.detach().numpy() for k, v in module.state_dict().items()}
     for k, v in model.state_dict().items():
         assert_close(v, trained[k], 1e-4, k)
+    worst = max(relative(v, trained[k]) for k, v in model.state_dict().items())
+    print(f"after 3 steps: largest relative difference {worst:.1e}")
+
 
 
 class SmallResidual(nn.Module):
@@ -349,19 +357,59 @@ def test_torchvision_export_imports_and_predicts(name, tmp_path):
 SLOW = pytest.mark.slow
 
 
+def spread_running_statistics(module, seed=0):
+    """Running statistics away from 0 and 1 (eval-mode predictions check them; training-mode steps
+    only update them, so the steps' conditioning is the network's own)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, tn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+NO_DROPOUT = {"dropout": 0.0}  # the eval-mode file has no Dropout: PyTorch's training run must not drop either
+ONNX_FINE_TUNE = [  # (model, input size, batch, constructor arguments)
+    ("resnet18", 64, 4, {}), ("squeezenet1_1", 64, 4, NO_DROPOUT), ("resnet50", 64, 4, {}),
+    ("mobilenet_v2", 64, 4, NO_DROPOUT), ("densenet121", 64, 4, {}),
+    ("googlenet", 64, 4, {"aux_logits": False, "init_weights": True, "dropout": 0.0}),
+    # torch.onnx.export writes an adaptive pool only where its output size divides its input size
+    # (or is 1×1): AlexNet's (6, 6) and VGG's (7, 7) pools need 224×224 inputs
+    ("alexnet", 224, 2, NO_DROPOUT), ("vgg11_bn", 224, 2, NO_DROPOUT),
+]
+
+
 @SLOW
-@pytest.mark.parametrize("name, size, kw", [("resnet18", 32, {}), ("squeezenet1_1", 64, {"dropout": 0.0})])
-def test_torchvision_onnx_import_fine_tunes(name, size, kw, tmp_path):
-    """A torchvision network's torch.onnx.export file, imported: 3 SGD steps equal PyTorch's on the
-    module. In float64 (both sides): in float32, rounding decides near-ties of max pooling's argmax
-    and ReLU's sign at a few of these networks' positions, and either routing is a valid gradient."""
+@pytest.mark.parametrize("name, size, batch, kw", ONNX_FINE_TUNE, ids=[row[0] for row in ONNX_FINE_TUNE])
+def test_torchvision_onnx_import_fine_tunes(name, size, batch, kw, tmp_path):
+    """A torchvision network's torch.onnx.export file (eval mode, batch norm kept as its own node),
+    imported: it predicts what onnxruntime computes (1e-5), and 3 SGD steps (batch norm in training)
+    give PyTorch's losses, parameters and running statistics on the original module within 1e-4.
+
+    Compared in float64 on both sides, because float32 cannot hold 1e-4 here: PyTorch's own float32
+    run is already far from its float64 run after these 3 steps (largest relative difference of a
+    parameter or buffer: resnet18 3 %, squeezenet1_1 3 %, mobilenet_v2 85 %, googlenet 100 %, all on
+    small batch-norm or conv biases), as batch norm over a few values per channel divides by small
+    standard deviations and near-ties of max pooling and ReLU route gradients either way. The
+    float64 runs of the two libraries agree to about 1e-9 (mobilenet_v2: 5e-10).
+
+    The configuration is well conditioned on purpose: at 32×32 with a batch of 2, mobilenet_v2's
+    blocks after its last stride 2 run at 1×1 and their batch norms normalise 2 values per channel; PyTorch's
+    first gradients reach 1e7 and PyTorch against itself, with the input changed by 1e-15, ends
+    three steps 1e3 apart. At 64×64 with a batch of 4 it is 16 values and the same probe stays
+    within 3e-10."""
     torch.manual_seed(0)
     module = getattr(torchvision_models(), name)(num_classes=10, **kw)
+    with torch.no_grad():
+        spread_running_statistics(module)
     shape = (3, size, size)
     torch_export(module, shape, tmp_path / "tv.onnx")
     model = cc.compile(cc.from_onnx(tmp_path / "tv.onnx"), input_shape=shape, loss=nn.CrossEntropyLoss(),
                        optimizer=cc.optim.SGD(lr=0.01), backend="numpy", dtype="float64")
-    fine_tune_against_torch(module.double(), model, shape, np.random.default_rng(0), batch=4, lr=0.01)
+    assert list(model.state_dict()) == list(module.state_dict())  # every batch norm kept, PyTorch's names
+    x = np.random.default_rng(1).normal(size=(2, *shape)).astype(np.float32)
+    assert_close(model.predict(x), run_onnx(tmp_path / "tv.onnx", x)[0])  # eval mode: the running statistics
+    (tmp_path / "tv.onnx").unlink()  # (VGG's file is half a gigabyte)
+    fine_tune_against_torch(module.double(), model, shape, np.random.default_rng(0), batch=batch, lr=0.01)
 
 
 @pytest.mark.parametrize("name, size", [("squeezenet1_1", 64)] + [

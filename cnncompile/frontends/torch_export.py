@@ -105,9 +105,10 @@ class ExportGraph(Module):
                 program = export_program(self.torch_module, example)
             except Exception as exc:
                 because = f"torch.fx could not trace it ({self.fx_error}); " if self.fx_error else ""
+                first = (str(exc).splitlines() or [""])[0]
                 raise CompileError(f"{self.where} ({type(self.torch_module).__name__}): {because}torch.export "
-                                   f"failed too ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                                   f"describe the network in cnncompile.nn") from exc
+                                   f"failed too ({type(exc).__name__}: {first}); describe the network in "
+                                   f"cnncompile.nn") from exc
             self.check(program)
             self.programs[shape] = program
         return self.programs[shape]
@@ -356,9 +357,11 @@ ATEN = {  # str(OpOverload) → handler(graph, node, bound arguments)
     "aten.conv2d.default": conv, "aten.conv2d.padding": conv, "aten.convolution.default": conv,
     "aten.linear.default": linear, "aten.addmm.default": addmm, "aten.mm.default": mm, "aten.t.default": transpose,
     "aten.batch_norm.default": batch_norm, "aten._native_batch_norm_legit_no_training.default": batch_norm,
-    "aten._native_batch_norm_legit_functional.default": batch_norm, "aten._native_batch_norm_legit.default": batch_norm,
+    "aten._native_batch_norm_legit_functional.default": batch_norm,
+    "aten._native_batch_norm_legit.default": batch_norm,
     "aten.permute.default": transpose,
-    "aten.add_.Tensor": arith(operator.add), "aten.add.Tensor": arith(operator.add), "aten.add.Scalar": arith(operator.add),
+    "aten.add_.Tensor": arith(operator.add), "aten.add.Tensor": arith(operator.add),
+    "aten.add.Scalar": arith(operator.add),
     "aten.sub.Tensor": arith(operator.sub), "aten.mul.Tensor": arith(operator.mul),
     "aten.mul.Scalar": arith(operator.mul), "aten.div.Tensor": arith(operator.truediv),
     "operator.getitem": getitem,
