@@ -6,10 +6,11 @@ the small DenseNet, AlexNet (batch 8) and LeNet-5 (batch 64).
 Each framework runs in a process of its own (bench/peers/worker.py; thread pools of several
 frameworks in one process starve each other) and the rounds alternate between them, the order
 turning each round; ``--pause`` waits between one framework's round and the next, so that no
-idle threads are still spinning when the next starts (report both ways). Before any timing the
-losses of the first three steps of each framework must equal cnncompile's within the float32 bound
-(1e-5 of the loss), or the bench stops: the frameworks run the same computation. Networks with
-dropout cannot be compared that way (the draws differ) and the JAX and tinygrad peers refuse them.
+idle threads are still spinning when the next starts (report both ways). Before any timing each
+framework's first loss must equal cnncompile's within the float32 bound (1e-5 of the loss) and the
+change the first update makes to it within 1e-3 of cnncompile's, or the bench stops: the frameworks
+run the same computation (see check_losses). Networks with
+dropout (MobileNet, AlexNet) cannot be compared that way: each framework draws its own masks.
 
 Per net: images/s medians, the ratio to PyTorch eager measured in the same run, the compile time
 (cc.compile; the first step for torch.compile and JAX; the first two for tinygrad, whose TinyJit
@@ -39,7 +40,8 @@ WORKER = HERE / "peers" / "worker.py"
 NETS = {"lenet5": 64, "resnet20": 32, "mobilenet": 32, "densenet": 32, "alexnet": 8}
 FRAMEWORKS = ["cnncompile", "eager", "torch.compile", "jax", "tinygrad"]
 THREADS = 2
-LOSS_BOUND = 1e-5  # of the loss's scale: the project's float32 bound
+LOSS_BOUND = 1e-5  # of the loss's scale: the project's float32 bound, for the first loss
+UPDATE_BOUND = 1e-3  # of the loss's change by the first update (see check_losses)
 
 
 class BenchError(SystemExit):
@@ -49,7 +51,7 @@ class BenchError(SystemExit):
 class Worker:
     """One framework's process; ``ready`` is its first answer (losses, compile time) or its error."""
 
-    def __init__(self, framework, net, state, batch, logs: Path, check_steps=3):
+    def __init__(self, framework, net, state, batch, logs: Path, check_steps=2):
         self.framework = framework
         self.log = logs / f"{net}-{framework.replace(':', '_').replace('@', '_')}.log"
         with open(self.log, "w") as err:
@@ -87,15 +89,24 @@ class Worker:
         self.proc.wait()
 
 
-def check_losses(net: str, reference: Worker, other: Worker) -> float:
-    """The largest loss difference relative to max(1, |loss|); BenchError beyond LOSS_BOUND."""
+def check_losses(net: str, reference: Worker, other: Worker) -> tuple[float, float]:
+    """BenchError unless ``other`` computes what cnncompile computes. The first loss is a function of
+    the shared weights and batch alone: within LOSS_BOUND of max(1, |loss|). The second checks the
+    update (learning rate, momentum, weight decay): its change from the first within UPDATE_BOUND of
+    cnncompile's change. No later loss is compared: at a learning rate of 0.1 the float32 rounding
+    differences of the first update grow by orders of magnitude each step (torch.compile's third
+    ResNet-20 loss is 4e-3 from eager's and cnncompile's). Returns both relative differences."""
     ref, got = reference.ready["losses"], other.ready["losses"]
-    worst = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(ref, got))
-    if len(ref) != len(got) or not worst <= LOSS_BOUND:
-        raise BenchError(f"{net}: {other.framework}'s losses {got} differ from cnncompile's {ref} by "
-                         f"{worst:.2e} of the loss (bound {LOSS_BOUND:g}): not the same network, weights, "
-                         f"batch or optimizer; see bench/peers/")
-    return worst
+    if len(ref) < 2 or len(got) < 2:
+        raise BenchError(f"{net}: two losses wanted, cnncompile gave {ref}, {other.framework} {got}")
+    first = abs(got[0] - ref[0]) / max(1.0, abs(ref[0]))
+    step = abs((got[1] - got[0]) - (ref[1] - ref[0])) / max(abs(ref[1] - ref[0]), LOSS_BOUND)
+    if not (first <= LOSS_BOUND and step <= UPDATE_BOUND):
+        raise BenchError(f"{net}: {other.framework}'s losses {got[:2]} differ from cnncompile's {ref[:2]}: "
+                         f"first by {first:.1e} of the loss (bound {LOSS_BOUND:g}), its change by the update by "
+                         f"{step:.1e} (bound {UPDATE_BOUND:g}): not the same network, weights, batch or "
+                         f"optimizer; see bench/peers/")
+    return first, step
 
 
 def start_workers(name, args, logs: Path):
@@ -149,9 +160,9 @@ def bench_net(name, args, ceiling, logs: Path) -> None:
         if dropout:
             note = f"losses not compared (dropout in {', '.join(dropout)}: the draws differ)"
         else:
-            worst = max([check_losses(name, workers[0], w) for w in workers[1:] if w.ready["ok"]], default=0.0)
-            note = (f"losses of the first 3 steps equal cnncompile's (largest difference {worst:.1e} "
-                    f"of the loss, bound {LOSS_BOUND:g})")
+            diffs = [check_losses(name, workers[0], w) for w in workers[1:] if w.ready["ok"]] or [(0.0, 0.0)]
+            note = (f"first loss equal to cnncompile's within {max(d[0] for d in diffs):.1e} (bound {LOSS_BOUND:g}), "
+                    f"the first update's change within {max(d[1] for d in diffs):.1e} (bound {UPDATE_BOUND:g})")
         run_rounds([w for w in workers if w.ready["ok"]], args)
         report(name, workers, ceiling, f"{note}; medians of {args.rounds} rounds × {args.steps} steps, "
                f"one process per framework{f', {args.pause:g} s pause between them' if args.pause else ''}")

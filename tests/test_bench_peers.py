@@ -74,7 +74,8 @@ def test_worker_protocol_one_round(lenet5, tmp_path):
     w = zoo.Worker("eager", "lenet5", path, 64, tmp_path, check_steps=CHECK_STEPS)
     try:
         assert w.ready["ok"], w.ready
-        assert zoo.check_losses("lenet5", reference, w) <= zoo.LOSS_BOUND
+        first, step = zoo.check_losses("lenet5", reference, w)
+        assert first <= zoo.LOSS_BOUND and step <= zoo.UPDATE_BOUND
         w.time(1)
         assert len(w.seconds) == 1 and w.seconds[0] > 0
     finally:
@@ -83,12 +84,17 @@ def test_worker_protocol_one_round(lenet5, tmp_path):
 
 
 def test_loss_check_fails_loudly_on_different_losses():
-    """Losses that differ beyond the float32 bound stop the bench, naming the framework and both losses."""
+    """A first loss beyond the float32 bound, or a first update that changes the loss differently
+    (another learning rate), stops the bench naming the framework and both losses; rounding passes."""
     def fake(name, losses):
         return type("W", (), {"framework": name, "ready": {"losses": losses}})()
-    with pytest.raises(zoo.BenchError, match=r"jax's losses \[2\.3, 2\.2999\] differ from cnncompile's"):
-        zoo.check_losses("lenet5", fake("cnncompile", [2.3, 2.3]), fake("jax", [2.3, 2.2999]))
-    assert zoo.check_losses("lenet5", fake("cnncompile", [2.3]), fake("jax", [2.3 + 1e-6])) <= zoo.LOSS_BOUND
+    ref = fake("cnncompile", [2.3, 2.2])
+    with pytest.raises(zoo.BenchError, match=r"jax's losses \[2\.3001, 2\.2001\] differ from cnncompile's"):
+        zoo.check_losses("lenet5", ref, fake("jax", [2.3001, 2.2001]))
+    with pytest.raises(zoo.BenchError, match="its change by the update by 5.0e-01"):
+        zoo.check_losses("lenet5", ref, fake("jax", [2.3, 2.25]))
+    first, step = zoo.check_losses("lenet5", ref, fake("jax", [2.3 + 1e-6, 2.2 + 2e-6]))
+    assert first <= zoo.LOSS_BOUND and step <= zoo.UPDATE_BOUND
 
 
 def test_missing_framework_is_a_column_not_an_error(lenet5, tmp_path, monkeypatch):

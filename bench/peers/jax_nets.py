@@ -69,11 +69,14 @@ class JaxOps:
             raise PeerError(f"cat(dim={dim}): the JAX peer concatenates channels (dim 1) only")
         return jnp.concatenate(values, axis=-1)
 
-    @staticmethod
-    def dropout(x, p):
-        if p:
-            raise PeerError("Dropout: the JAX peer has no dropout (its draws could not match cnncompile's)")
-        return x
+    key = None  # the step's random key while it is traced (see JaxTrainer)
+
+    def dropout(self, x, p):
+        """PyTorch's dropout (scaled by 1/(1-p)); its own draws, so such a net's losses are not compared."""
+        if not p:
+            return x
+        self.key, draw = jax.random.split(self.key)
+        return jnp.where(jax.random.bernoulli(draw, 1 - p, x.shape), x / (1 - p), 0.0)
 
 
 def to_jax(name: str, a: np.ndarray) -> jnp.ndarray:
@@ -92,7 +95,8 @@ class JaxTrainer:
     def __init__(self, name: str, state: dict, hyper: dict):
         if hyper.get("nesterov"):
             raise PeerError("JAX peer: nesterov SGD is not written here")
-        spec = load_example(name, JaxOps)
+        self.ops = ops = JaxOps()
+        spec = load_example(name, ops)
         self.net = net = spec["net"]
         check_state(net, state, "jax")
         kinds = dict(net.state_names())
@@ -101,29 +105,32 @@ class JaxTrainer:
         self.momentum = {k: jnp.zeros_like(v) for k, v in self.params.items()}
         lr, mu, wd = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
 
-        def loss_fn(params, buffers, x, y):
+        def loss_fn(params, buffers, x, y, key):
             net.bind({**params, **buffers})
-            logits = net(Value(JaxOps, x)).a
+            ops.key = key
+            logits = net(Value(ops, x)).a
+            ops.key = None
             return cross_entropy(logits, y), net.collect_updates()
 
         @partial(jax.jit, donate_argnums=(0, 1, 2))
-        def step(params, momentum, buffers, x, y):
-            (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, buffers, x, y)
+        def step(params, momentum, buffers, x, y, key):
+            key, draws = jax.random.split(key)
+            (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, buffers, x, y, draws)
             new_p, new_m = {}, {}
             for k, p in params.items():
                 g = grads[k] + wd * p if wd else grads[k]
                 new_m[k] = mu * momentum[k] + g if mu else g
                 new_p[k] = p - lr * new_m[k]
-            return new_p, new_m, {**buffers, **updates}, loss
-        self._step = step
+            return new_p, new_m, {**buffers, **updates}, loss, key
+        self._step, self.key = step, jax.random.PRNGKey(0)
 
     def set_batch(self, x: np.ndarray, y: np.ndarray):
         self.x, self.y = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y.astype(np.int32))
 
     def step(self):
         """One train step, dispatched (not waited for: ``sync`` does)."""
-        self.params, self.momentum, self.buffers, self.loss = self._step(
-            self.params, self.momentum, self.buffers, self.x, self.y)
+        self.params, self.momentum, self.buffers, self.loss, self.key = self._step(
+            self.params, self.momentum, self.buffers, self.x, self.y, self.key)
         return self.loss
 
     def sync(self) -> float:

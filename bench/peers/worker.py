@@ -1,7 +1,7 @@
 """One framework's train step of one example network, in a process of its own (thread pools of
 several frameworks in one process starve each other), driven over stdin/stdout by bench/zoo.py.
 
-    python bench/peers/worker.py FRAMEWORK NET STATE.npz [--check-steps 3]
+    python bench/peers/worker.py FRAMEWORK NET STATE.npz [--check-steps 2]
 
 FRAMEWORK: cnncompile (compiles the example, writes STATE.npz: its initial state_dict, the batch and
 its SGD hyper-parameters), or eager, torch.compile, jax, tinygrad, tinygrad@DEV (read STATE.npz).
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("net")
     parser.add_argument("state")
     parser.add_argument("--batch", type=int, default=32, help="cnncompile: the batch it draws and writes")
-    parser.add_argument("--check-steps", type=int, default=3)
+    parser.add_argument("--check-steps", type=int, default=2)
     args = parser.parse_args()
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # the frameworks' own prints go to stderr
