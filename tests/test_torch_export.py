@@ -102,19 +102,25 @@ class Looped(tnn.Module):
         return x
 
 
-def test_inside_a_cnncompile_network_names_are_prefixed():
-    """A torch module that needs torch.export, inside a cnncompile Sequential: its layers are named
-    under the Sequential's index, a layer called twice shares its parameters, and the output is
-    PyTorch's."""
+def test_a_layer_called_in_a_loop_shares_its_parameters():
+    """A conv called once per loop iteration is one layer: one set of parameters under its torch
+    name, PyTorch's output."""
     torch.manual_seed(0)
     looped = Looped().double()
-    net = nn.Sequential(looped, nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
-    model = cc.compile(net, input_shape=(2, 8, 8), backend="numpy", dtype="float64")
-    assert list(model.state_dict()) == ["0.conv.weight", "0.conv.bias", "2.weight", "2.bias"]
+    model = cc.compile(looped, input_shape=(2, 8, 8), backend="numpy", dtype="float64")
+    assert list(model.state_dict()) == ["conv.weight", "conv.bias"]
+    assert [n.type for n in model.graph_ir.ops].count("Conv2d") == 2
     x = np.random.default_rng(0).standard_normal((2, 2, 8, 8))
-    h = looped(torch.from_numpy(x)).flatten(1).detach().numpy()
-    state = model.state_dict()
-    np.testing.assert_allclose(model.predict(x), h @ state["2.weight"].T + state["2.bias"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(model.predict(x), looped(torch.from_numpy(x)).detach().numpy(), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_inside_a_cnncompile_network_it_is_refused_at_once():
+    """Inside a cnncompile container the input size is not known when the torch module arrives, so
+    one that fx cannot trace is refused there, naming it and the way that works."""
+    with pytest.raises(cc.CompileError, match=r"Looped.*torch\.fx cannot trace.*compiled on its own, "
+                                              r"cc\.compile\(module, \.\.\.\), it would be tried with torch\.export"):
+        nn.Sequential(Looped(), nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
 
 
 def test_unmapped_aten_operator_is_an_error_naming_it():

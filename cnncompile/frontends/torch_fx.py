@@ -6,8 +6,8 @@ qualified name, so parameters keep PyTorch's ``state_dict`` names; the graph's f
 (``F.relu``, ``torch.cat``, ``x.view(x.size(0), -1)``, ``+``, ``x.mean((2, 3))``, …) are replayed on
 traced tensors. A converted layer's initial values are the torch module's own parameters and
 buffers. A node without a mapping is a `CompileError` naming it, raised when the module is
-converted: nothing is ever left out. A forward torch.fx cannot trace (Python control flow on
-shapes or values) goes through torch.export instead (`torch_export.py`).
+converted: nothing is ever left out. A network compiled itself whose forward torch.fx cannot
+trace (Python control flow on shapes) goes through torch.export instead (`torch_export.py`).
 
 torch is not imported here: a torch module can only reach this file if torch is loaded already.
 """
@@ -28,7 +28,7 @@ from cnncompile.nn.module import Module, ModuleList, TracedTensor, is_torch_modu
 
 def as_network(net):
     """``net`` itself if it is a cnncompile module; a torch.nn.Module converted; anything else unchanged."""
-    return convert(net) if is_torch_module(net) else net
+    return convert(net, export=True) if is_torch_module(net) else net
 
 
 # ----- leaf layers ---------------------------------------------------------------------------------
@@ -111,9 +111,11 @@ def adopt(layer: Module, module, where: str) -> Module:
     return layer
 
 
-def convert(module, where: str = "") -> Module:
+def convert(module, where: str = "", export: bool = False) -> Module:
     """``module`` as a cnncompile module: a leaf layer with its values, a ModuleList of converted
-    modules, or its fx graph replayed (`TorchGraph`)."""
+    modules, or its fx graph replayed (`TorchGraph`). ``export``: where fx cannot trace it, its
+    torch.export graph (`ExportGraph`, exported when traced: the network compiled itself);
+    otherwise (a torch module inside a cnncompile network) it is refused at once."""
     if isinstance(module, Module):
         return module
     torch = sys.modules["torch"]
@@ -126,6 +128,9 @@ def convert(module, where: str = "") -> Module:
     try:
         return TorchGraph(module, where)
     except FxTraceError as exc:  # Python control flow on shapes: torch.export settles it per input size
+        if not export:
+            raise FxTraceError(f"{exc}; compiled on its own, cc.compile(module, ...), it would be tried with "
+                               f"torch.export") from exc.__cause__
         from .torch_export import ExportGraph
         return ExportGraph(module, where, exc.__cause__ or exc)
 
