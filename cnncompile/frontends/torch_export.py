@@ -130,19 +130,19 @@ class ExportGraph(Module):
     def owner(self, param, local: str, node) -> str:
         """The qualified name of the module holding ``param`` as its ``local`` (``layer1.0.conv1``)."""
         if isinstance(param, TracedTensor):
-            raise CompileError(f"node '{node.name}' takes a computed tensor as its {local}; only a module's own "
-                               f"parameter can be one")
+            raise CompileError(f"it takes a computed tensor as its {local}; only a module's own parameter can "
+                               f"be one")
         if not isinstance(param, Param) or not (param.fqn == local or param.fqn.endswith("." + local)):
-            raise CompileError(f"node '{node.name}' reads {param!r} as its {local}: a parameter used directly in "
-                               f"forward; keep it inside a layer (a torch.nn module whose '{local}' it is)")
+            raise CompileError(f"it reads {param!r} as its {local}: a parameter used directly in forward; keep it "
+                               f"inside a layer (a torch.nn module whose '{local}' it is)")
         return param.fqn[: -len(local) - 1] if param.fqn != local else ""
 
     def layer(self, prefix: str, make, node):
         """The layer of the torch module at ``prefix`` (one per module: a module called twice shares
         its parameters), created by ``make(submodule)`` with the module's values."""
         if not prefix:
-            raise CompileError(f"node '{node.name}': the top-level module's own parameters are read directly; "
-                               f"keep them inside a layer (a torch.nn.Conv2d, Linear, BatchNorm2d …)")
+            raise CompileError("it reads the top-level module's own parameters directly; keep them inside a layer "
+                               "(a torch.nn.Conv2d, Linear, BatchNorm2d …)")
         if prefix not in self._modules:
             sub = self.torch_module.get_submodule(prefix)
             layer = fx.adopt(make(sub), sub, f"{self.where}.{prefix}")
