@@ -189,10 +189,22 @@ def body_derivative(body, reads: list, k: int):
     return d.xreplace(dict(zip(placeholders, reads)))
 
 
+_placeholders: list = []
+
+
+def placeholders(n: int) -> list:
+    """The memoized derivatives' placeholders r0, r1, ...: the same objects every time, so that
+    sympy's caches (of sums, products, assumptions) serve every body (fresh ones, made in the same
+    order, would sort alike: by name, then by creation)."""
+    while len(_placeholders) < n:
+        _placeholders.append(sympy.Dummy(f"r{len(_placeholders)}", real=True))
+    return _placeholders[:n]
+
+
 def placeholder_derivative(body, reads: list, k: int, keep: bool = False):
     """The derivative with the reads put back, or (``keep``) the placeholders and the derivative
     in them."""
-    reals = [sympy.Dummy(f"r{j}", real=True) for j in range(len(reads))]
+    reals = placeholders(len(reads)) if keep else [sympy.Dummy(f"r{j}", real=True) for j in range(len(reads))]
     d = sympy.diff(body.xreplace(dict(zip(reads, reals))), reals[k])
     return (tuple(reals), d) if keep else d.xreplace(dict(zip(reals, reads)))
 
