@@ -1,5 +1,6 @@
 """bench/zoo.py's peers: the JAX and tinygrad versions of the example networks compute what
 cnncompile computes from the same weights, and the worker processes answer the bench's protocol."""
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -55,10 +56,17 @@ def test_jax_lenet5_step_matches_cnncompile(lenet5):
 
 
 @pytest.mark.slow  # tinygrad takes about a minute to build LeNet-5's step on two busy cores
-def test_tinygrad_lenet5_step_matches_cnncompile(lenet5):
+def test_tinygrad_lenet5_step_matches_cnncompile(lenet5, monkeypatch):
     """The same for tinygrad's TinyJit step on its CPU device."""
     pytest.importorskip("tinygrad")
     from tinygrad_nets import choose_device
+    for var in ("DEV", "CC"):  # choose_device sets them: monkeypatch puts back what was there
+        was = os.environ.get(var)
+        monkeypatch.setenv(var, "")
+        if was is None:
+            monkeypatch.delenv(var)
+        else:
+            monkeypatch.setenv(var, was)
     choose_device()
     from tinygrad_nets import TinygradTrainer
     path, want = lenet5

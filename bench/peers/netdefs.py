@@ -161,7 +161,8 @@ def make_nn(ops):
         sigmoid = staticmethod(lambda x: Value(ops, ops.sigmoid(x.a)))
 
     class Namespace:
-        pass
+        def __getattr__(self, name):
+            raise PeerError(f"{ops.name} peer: no nn.{name}; add it to bench/peers/netdefs.py (make_nn)")
 
     nn = Namespace()
     nn.Module, nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.Linear = Module, Sequential, Conv2d, BatchNorm2d, Linear
