@@ -9,12 +9,13 @@ turning each round; ``--pause`` waits between one framework's round and the next
 idle threads are still spinning when the next starts (report both ways). Before any timing each
 framework's first loss must equal cnncompile's within the float32 bound (1e-5 of the loss) and the
 change the first update makes to it within 1e-3 of cnncompile's, or the bench stops: the frameworks
-run the same computation (see check_losses). Networks with
-dropout (MobileNet, AlexNet) cannot be compared that way: each framework draws its own masks.
+run the same computation (see check_losses). Networks with dropout (MobileNet, AlexNet) cannot be
+compared that way: each framework draws its own masks.
 
 Per net: images/s medians, the ratio to PyTorch eager measured in the same run, the compile time
 (cc.compile; the first step for torch.compile and JAX; the first two for tinygrad, whose TinyJit
-captures on the second), each process's peak RSS, and cnncompile's training GFLOP/s (bench/flops.py)
+captures on the second; cnncompile's, inductor's and tinygrad's disk caches may keep part of it from
+an earlier run), each process's peak RSS, and cnncompile's training GFLOP/s (bench/flops.py)
 and its share of this machine's sgemm ceiling (bench/sgemm.py). A framework that is not installed
 shows so in its row.
 
