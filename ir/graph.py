@@ -10,6 +10,7 @@ from __future__ import annotations
 from .errors import CompileError
 from .expr import Program, Stage, TensorSpec
 from .ops import OPS, OpNode
+from .ops.base import lower_op
 
 
 class Graph:
@@ -96,7 +97,8 @@ class Graph:
         return self._nx
 
     def lower(self, outputs: list[str], loss: str = "") -> Program:
-        """Forward stages of every op, split into the network's part and the loss's part."""
+        """Forward stages of every op, split into the network's part and the loss's part (each op's
+        stages built once per kind, attributes and shapes: `ops.base.lower_op`)."""
         prog = Program(inputs=[t for t in self.inputs if self.tensors[t].role == "input"],
                        labels=[t for t in self.inputs if self.tensors[t].role == "label"],
                        outputs=list(outputs), params=list(self.params), buffers=list(self.buffers),
@@ -106,7 +108,7 @@ class Graph:
         for node in self.ops:
             op = OPS[node.kind]
             shapes = [self.shape(t) for t in node.inputs]
-            for stage in op.lower(node, shapes, self.shape(node.output)):
+            for stage in lower_op(op, node, shapes, self.shape(node.output)):
                 self._declare(prog, stage)
                 part = {"loss": prog.loss, "stats": prog.update}.get(stage.role, prog.forward)
                 part.append(stage)
