@@ -24,7 +24,7 @@ from sympy.printing.str import StrPrinter
 from cnncompile.ir import autodiff
 from cnncompile.ir.affine import Affine
 from cnncompile.ir.autodiff import derive_read, grad_name
-from cnncompile.ir.canonical import fingerprint, name_ranks, tensor_names
+from cnncompile.ir.canonical import fingerprint, index_fingerprint, name_ranks, read_text, tensor_names
 from cnncompile.ir.errors import CompileError
 from cnncompile.ir.expr import BATCH, Stage, tensor_of, var_bounds
 
@@ -466,14 +466,21 @@ def print_key(stage: Stage, names: Names, expr) -> tuple:
     sign = signatures(names, tensor_names(expr))
 
     def token(x):
-        return sign[x.base.label.name], tuple(fingerprint(i, token) for i in x.indices)
+        return sign[x.base.label.name], tuple(index_fingerprint(i, token) for i in x.indices)
 
     return names.config(), stage.variables, fingerprint(expr, token)
 
 
 def signatures(names: Names, tensors) -> dict:
-    order = name_ranks(names.read(t, []) + SEP + t for t in tensors)
-    return {t: (order[names.read(t, []) + SEP + t], names.signature(t)) for t in tensors}
+    """Per tensor: the rank of its sort name among ``tensors`` and its `Names.signature` (once per
+    set of tensors and printer: a layer's stages read the same few)."""
+    memo = names.__dict__.setdefault("_signatures", {})
+    key = frozenset(tensors)
+    hit = memo.get(key)
+    if hit is None:
+        order = name_ranks(names.read(t, []) + SEP + t for t in key)
+        hit = memo[key] = {t: (order[names.read(t, []) + SEP + t], names.signature(t)) for t in key}
+    return hit
 
 
 def stage_key(stage: Stage, names: Names) -> tuple:
@@ -553,7 +560,7 @@ def explain_layer(model, layer: str, latex: bool = False, notation: str = "code"
     names = Names(layer, node, prog, latex, notation)
     fwd = [s for s in prog.forward + prog.loss if s.layer == layer]
     bwd = [s for s in prog.backward if s.layer == layer]
-    reads = {str(r): (s, r) for s in fwd for r in s.reads()}
+    reads = {read_text(r): (s, r) for s in fwd for r in autodiff.reads_of(s.body)}
     sections = [("forward", [format_stage(s, names) for s in fwd])]
     stats = [s for s in prog.update if s.layer == layer and s.role == "stats"]
     if stats:

@@ -26,7 +26,7 @@ import sympy
 
 from .affine import Affine, Box, Divides, extended_gcd
 from .errors import CompileError
-from .canonical import fingerprint, relabel, tensor_names
+from .canonical import fingerprint, index_fingerprint, read_text, relabel, tensor_names
 from .expr import Program, Stage, TensorSpec, read, tensor_of, var
 
 FRESH = ("u", "v", "w", "p", "q", "r", "s")
@@ -89,7 +89,7 @@ def derive_read(stage: Stage, r: sympy.Indexed, accumulate: bool, shape: tuple) 
     hit = _transposed.get(key)
     if hit is not None:
         template, stages = hit
-        return [relabel_stage(s, renaming(template, names)).with_(layer=stage.layer, wrt=str(r)) for s in stages]
+        return [relabel_stage(s, renaming(template, names)).with_(layer=stage.layer, wrt=read_text(r)) for s in stages]
     body = _bodies.get(shared)
     if body is None:
         stages = transpose(stage, r, accumulate, shape)
@@ -120,7 +120,7 @@ def transpose_key(stage: Stage, r) -> tuple[tuple, tuple, list[str]]:
     rank = {n: k for k, n in enumerate(names)}
 
     def token(x):
-        return rank[x.base.label.name], tuple(fingerprint(i, token) for i in x.indices)
+        return rank[x.base.label.name], tuple(index_fingerprint(i, token) for i in x.indices)
 
     pattern = tuple((rank[t], rank[grad_name(t)]) for t in sorted(tensors))
     shared = (pattern, fingerprint(stage.body, token), token(r), rank[stage.out], stage.out_index,
@@ -289,4 +289,4 @@ def transpose(stage: Stage, r: sympy.Indexed, accumulate: bool, shape: tuple, bo
                   domain=tuple(zip(outer, shape)), reduce=remaining,
                   combine="sum" if remaining else None, constraints=tuple(constraints),
                   guards=tuple(guards), body=body, accumulate=accumulate, layer=stage.layer,
-                  role="backward", note=f"through {stage.note}", wrt=str(r))]
+                  role="backward", note=f"through {stage.note}", wrt=read_text(r))]

@@ -34,14 +34,41 @@ def name_ranks(names) -> dict[str, int]:
     return {n: k for k, n in enumerate(sorted(names))}
 
 
-def tensor_names(e, found: set | None = None) -> set[str]:
-    """The names of the tensors ``e`` reads."""
-    found = set() if found is None else found
+_names: dict = {}  # expression → the names of the tensors it reads
+_texts: dict = {}  # read → str(read)
+CACHE_LIMIT = 20000
+
+
+def tensor_names(e) -> frozenset[str]:
+    """The names of the tensors ``e`` reads (once per expression: every pass asks for them)."""
+    found = _names.get(e)
+    if found is None:
+        found = frozenset(collect_names(e, set()))
+        cache(_names, e, found)
+    return found
+
+
+def collect_names(e, found: set) -> set:
     if type(e) is sympy.Indexed:
         found.add(e.base.label.name)
     for a in e.args:
-        tensor_names(a, found)
+        collect_names(a, found)
     return found
+
+
+def read_text(r) -> str:
+    """``str(r)`` of a read, printed once (a stage's ``wrt``; `explain` looks reads up by it)."""
+    text = _texts.get(r)
+    if text is None:
+        text = str(r)
+        cache(_texts, r, text)
+    return text
+
+
+def cache(table: dict, key, value) -> None:
+    if len(table) >= CACHE_LIMIT:
+        table.clear()
+    table[key] = value
 
 
 def relabel(e, names: dict):
@@ -50,13 +77,45 @@ def relabel(e, names: dict):
     expression that evaluating the renamed one gives."""
     if type(e) is sympy.Indexed:
         new = names.get(e.base.label.name)
-        return e if new is None else sympy.Indexed(indexed_base(new), *(relabel(i, names) for i in e.indices))
+        if new is None:
+            return e
+        if any(tensor_names(i) for i in e.indices):  # (a read inside an index: renamed too)
+            return sympy.Indexed(indexed_base(new), *(relabel(i, names) for i in e.indices))
+        return renamed_read(e, new)
     if not e.args:
         return e
     args = tuple(relabel(a, names) for a in e.args)
     if all(a is b for a, b in zip(args, e.args)):
         return e
     return rebuild(e, args)
+
+
+_renamed: dict = {}  # (read, new name) → the read of the new tensor at the same indices
+
+
+def renamed_read(r, new: str):
+    """``r`` reading tensor ``new``, built once: the same reads recur in every repeated block."""
+    key = (r, new)
+    hit = _renamed.get(key)
+    if hit is None:
+        hit = sympy.Indexed(indexed_base(new), *r.indices)
+        cache(_renamed, key, hit)
+    return hit
+
+
+def index_fingerprint(i, token) -> tuple:
+    """`fingerprint` of an index expression, once per expression where it reads no tensor (an affine
+    map of loop variables with integer coefficients, the same in every stage of a network)."""
+    if tensor_names(i):
+        return fingerprint(i, token)
+    hit = _indices.get(i)
+    if hit is None:
+        hit = fingerprint(i, token)
+        cache(_indices, i, hit)
+    return hit
+
+
+_indices: dict = {}
 
 
 @lru_cache(maxsize=4096)

@@ -1,5 +1,5 @@
-"""The derivation and `explain` reuse work across stages that differ only in tensor names; what they
-produce is exactly what deriving and printing every stage afresh produces."""
+"""Lowering, the derivation and `explain` reuse work across ops and stages that differ only in tensor
+names; what they produce is exactly what lowering, deriving and printing every one afresh produces."""
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +12,7 @@ from cnncompile import cli
 from cnncompile import nn as cnn
 from cnncompile.compiler import derivation
 from cnncompile.ir import autodiff
+from cnncompile.ir.ops import base as ops_base
 from cnncompile import explain as explain_module
 from random_nets import build, networks
 
@@ -36,11 +37,12 @@ def derived_both_ways(d, monkeypatch):
 
 
 def assert_same_program(memo, plain):
-    assert len(memo.backward) == len(plain.backward)
-    for a, b in zip(memo.backward, plain.backward):
-        assert a == b, f"{a.layer}: {a.out}"  # every field; sympy bodies argument for argument
-        assert str(a) == str(b)
-    assert memo.update == plain.update and memo.tensors == plain.tensors
+    for part in ("forward", "loss", "backward", "update"):
+        assert len(getattr(memo, part)) == len(getattr(plain, part)), part
+        for a, b in zip(getattr(memo, part), getattr(plain, part)):
+            assert a == b, f"{part} {a.layer}: {a.out}"  # every field; sympy bodies argument for argument
+            assert str(a) == str(b)
+    assert memo.tensors == plain.tensors
 
 
 def test_examples_are_named_as_expected():
@@ -60,6 +62,41 @@ def test_repeated_blocks_are_derived_once():
     prog = example("resnet20").derive()
     assert len(autodiff._transposed) < len(prog.backward) / 2
     assert len(autodiff._derivatives) < len(autodiff._transposed)
+
+
+def test_repeated_layers_are_lowered_once(monkeypatch):
+    """ResNet-18's twenty batch norms and sixteen 3×3 convolutions come in few (kind, attributes,
+    shapes): most ops are renamed from another's stages, and the program is the one lowered afresh."""
+    monkeypatch.setattr(autodiff, "MEMO", True)
+    ops_base._lowered.clear()
+    d = example("resnet18")
+    graph, outputs = d.tracer.graph, [t.name for _, t in d.heads]
+    memo = graph.lower(outputs, d.loss_name)
+    assert 0 < len(ops_base._lowered) < len(graph.ops) / 2
+    monkeypatch.setattr(autodiff, "MEMO", False)
+    assert_same_program(memo, graph.lower(outputs, d.loss_name))
+
+
+def test_a_renaming_that_changes_the_order_of_names_is_lowered_afresh(monkeypatch):
+    """Two joins of the same shapes whose inputs sort the other way round: the second is not a
+    renaming of the first (sympy orders a sum's terms by name), and both print as lowered afresh."""
+    monkeypatch.setattr(autodiff, "MEMO", True)
+    ops_base._lowered.clear()
+
+    class Net(cnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = cnn.ReLU(), cnn.Tanh()
+
+        def forward(self, x):
+            r, t = self.a(x), self.b(x)
+            return (r + t) + (t + r)
+
+    d = derivation(Net(), (2, 3, 3), cnn.MSELoss())
+    graph, outputs = d.tracer.graph, [t.name for _, t in d.heads]
+    memo = graph.lower(outputs, d.loss_name)
+    monkeypatch.setattr(autodiff, "MEMO", False)
+    assert_same_program(memo, graph.lower(outputs, d.loss_name))
 
 
 def test_random_networks_derive_the_same_program_with_and_without_memoization(monkeypatch):

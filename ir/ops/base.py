@@ -188,9 +188,7 @@ def lower_op(op: OpDef, node: OpNode, shapes: list[tuple], out_shape: tuple) -> 
     if key in _lowered:
         hit = _lowered[key]
         stages = hit.renamed(node) if hit is not None else None
-        if stages is not None:
-            return stages
-        return op.lower(node, shapes, out_shape)
+        return stages if stages is not None else op.lower(node, shapes, out_shape)
     stages = op.lower(node, shapes, out_shape)
     autodiff.remember(_lowered, key, template(node, stages))
     return stages
