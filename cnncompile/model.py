@@ -348,9 +348,10 @@ class Model:
 
     def schedule(self, phase: str | None = None) -> str:
         """How the LLVM backend runs each phase: per kernel its fused stages, loop order, template,
-        vector width, blocking and the threads' split (read from the scheduler, not from the code)."""
+        vector width, blocking and the threads' split (read from the scheduler, not from the code),
+        for the target this model's code was written for."""
         from .schedule_text import schedule
-        return schedule(self.prog, phase, self.dtype)
+        return schedule(self.prog, phase, self.dtype, getattr(self.executable, "target", None))
 
     def fit(self, train, epochs: int = 1, batch_size: int = 64, validation=None, callbacks=(), seed: int = 0,
             verbose=True, augment=None, nan_guard=None):
