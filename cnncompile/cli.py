@@ -188,6 +188,21 @@ def cmd_bench(args) -> None:
           f"({batch / step:,.0f} img/s, median of {args.rounds})")
 
 
+def cmd_tune(args) -> None:
+    """Time a few blockings per kernel on this host, within --seconds, and store the fastest:
+    later ``cc.compile(..., tune=True)`` of the network (or one sharing its kernels) times nothing."""
+    spec = load_spec(args.file)
+    started = time.perf_counter()
+    model = cc.compile(spec["net"], input_shape=spec.get("input_shape", (1, 32, 32)),
+                       loss=spec.get("loss", nn.CrossEntropyLoss()), loss_weights=spec.get("loss_weights"),
+                       optimizer=spec.get("optimizer") or cc.optim.SGD(lr=0.01), seed=args.seed, tune=True,
+                       tune_seconds=args.seconds)
+    print(f"{args.file}: tuned for {model.executable.target.describe()} in {time.perf_counter() - started:.1f} s "
+          f"(budget {args.seconds:g} s; the choices are stored for every later tuned compile on this host)")
+    for line in model.tune_report:
+        print(f"  {line}")
+
+
 def random_targets(model, batch: int, rng):
     """Targets of the right shape and kind for every head: class indices for class-index losses,
     uniform values in [0, 1) for the others; one array, or a dict/tuple as the heads are keyed."""
@@ -312,6 +327,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, help="examples per step (default: the file's `batch_size` or 64)")
     bench.add_argument("--steps", type=int, default=20, help="steps per timed round (default: 20)")
     bench.add_argument("--rounds", type=int, default=5, help="timed rounds; the median is printed (default: 5)")
+    tune = command("tune", "time a few blockings per kernel on this host and store the fastest", cmd_tune,
+                   backend=False)
+    tune.add_argument("--seconds", type=float, default=30.0, help="time budget for the whole network, its "
+                                                                  "compiles included (default: 30)")
     export = command("export", "write the network's inference graph and weights as ONNX", cmd_export, backend=False)
     export.add_argument("--onnx", required=True, metavar="PATH", help="the .onnx file to write")
     export.add_argument("--checkpoint", help="weights of this FILE's network (default: freshly initialised)")

@@ -75,13 +75,16 @@ def trace(net: Module, input_shape, loss=None, loss_weights=None):
 
 def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | None = None, seed: int = 0,
             dtype="float32", loss_weights=None, input_grad: bool = False, distributed: str | None = None,
-            sync_batchnorm: bool = False, target=None):
+            sync_batchnorm: bool = False, target=None, tune: bool = False, tune_seconds: float | None = None):
     """Compile ``net`` into a trainer (docs/architecture.md, §1). ``input_grad``: also derive
     ∂L/∂input, handed out by ``model.input_gradient`` (saliency; checks of the derivation).
     ``distributed="mpi"``: data-parallel training over the MPI ranks (`cnncompile.distributed`);
     ``sync_batchnorm``: batch norm normalizes with the global batch's statistics there.
     ``target``: what the LLVM backend writes code for, a name (``"avx2"``, ``"avx512"``, ``"host"``)
-    or a `cnncompile.backends.llvm.target.Target` (default: ``CNNCOMPILE_TARGET``, else the host's)."""
+    or a `cnncompile.backends.llvm.target.Target` (default: ``CNNCOMPILE_TARGET``, else the host's).
+    ``tune=True``: time a few blockings per kernel on this host within ``tune_seconds`` (default
+    30 s for the whole network) and keep the fastest, stored so later tuned compiles time nothing
+    (`cnncompile.backends.llvm.tuner`); ``model.tune_report`` says what was chosen."""
     from .model import Model
 
     started = time.perf_counter()
@@ -97,23 +100,38 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
         raise CompileError("input_grad=True needs a loss: pass loss=nn.CrossEntropyLoss() (or another)")
     grad_inputs = [t for t in tracer.graph.inputs if tracer.graph.tensors[t].role == "input"] if input_grad else []
     backend_options = {"target": target} if executable_class.name == "llvm" else {}  # (NumPy has no target)
-    name = program_cache.key(tracer.graph, outputs + [f"dL/d{t}" for t in grad_inputs], loss_name, optimizer,
-                             executable_class.name, dtype, executable_class.codegen_options(**backend_options)
-                             + (("sync_batchnorm",) if sync_batchnorm else ()))
-    entry = program_cache.load(name)
-    if entry is not None:  # a warm start: nothing is derived, scheduled or generated again
-        prog = entry["prog"]
-        executable = executable_class(prog, dtype, manifest=entry["manifest"], **backend_options)
-    else:
+    def key_for(options: tuple) -> str:
+        return program_cache.key(tracer.graph, outputs + [f"dL/d{t}" for t in grad_inputs], loss_name, optimizer,
+                                 executable_class.name, dtype, options + (("sync_batchnorm",) if sync_batchnorm else ()))
+
+    def fresh_program():
         prog = build_program(tracer, outputs, targets, loss_name, loss, optimizer, grad_inputs)
         if sync_batchnorm:  # grads runs in segments; the ranks sum batch statistics (and their gradients) between
             from .distributed import sync_cuts
             prog.cuts = sync_cuts(prog, tracer.graph)
+        return prog
+
+    name = key_for(executable_class.codegen_options(**backend_options))
+    entry = program_cache.load(name)
+    tune_report = None
+    if tune:  # the untuned entry's program, if any, is the one to tune (nothing is derived again)
+        if executable_class.name != "llvm":
+            raise CompileError("tune=True times the LLVM backend's code: drop tune= or use backend='llvm'")
+        from cnncompile.backends.llvm.tuner import tuned_executable
+        prog, executable, tune_report, warm = tuned_executable(
+            entry["prog"] if entry is not None else fresh_program(), dtype, target, tune_seconds, key_for,
+            lambda key, prog_, exe: program_cache.store(key, {"prog": prog_, "manifest": exe.manifest()}))
+        entry = {} if warm else None
+    elif entry is not None:  # a warm start: nothing is derived, scheduled or generated again
+        prog = entry["prog"]
+        executable = executable_class(prog, dtype, manifest=entry["manifest"], **backend_options)
+    else:
+        prog = fresh_program()
         executable = executable_class(prog, dtype, **backend_options)
         program_cache.store(name, {"prog": prog, "manifest": executable.manifest()})
     model = Model(net=net, tracer=tracer, heads=heads, prog=prog, executable=executable, loss=loss,
                   optimizer=optimizer, input_shape=tuple(input_shape))
-    model.seed, model.loss_weights = seed, loss_weights
+    model.seed, model.loss_weights, model.tune_report = seed, loss_weights, tune_report
     model.reset_parameters(seed)
     model.compile_seconds, model.warm_start = time.perf_counter() - started, entry is not None
     if distributed is not None:

@@ -26,8 +26,9 @@ TEMPLATES = {
 }
 
 
-def schedule(prog, phase: str | None = None, dtype=np.float32, target=None) -> str:
-    """The schedule of one phase (or of every phase) on ``target`` (default: the resolved one) as text."""
+def schedule(prog, phase: str | None = None, dtype=np.float32, target=None, choices=None) -> str:
+    """The schedule of one phase (or of every phase) on ``target`` (default: the resolved one) as text
+    (``choices``: the tuner's per-kernel overrides, see `backends.llvm.schedule.choices`)."""
     from cnncompile.backends.llvm.codegen import code_program
     from cnncompile.backends.llvm.deadstores import unobserved_outputs
     from cnncompile.backends.llvm.schedule import Scheduler
@@ -39,7 +40,7 @@ def schedule(prog, phase: str | None = None, dtype=np.float32, target=None) -> s
     target = resolve(target)
     lanes = target.vector_lanes(ftype)
     code = code_program(prog, ftype, target)
-    scheduler = Scheduler(code, target=target, ftype=ftype)
+    scheduler = Scheduler(code, target=target, ftype=ftype, choices=choices)
     parts = []
     for name in [phase] if phase else phases:
         if not code.phase_stages(name):

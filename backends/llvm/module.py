@@ -22,12 +22,12 @@ class ModuleWriter(Nests):
     """The program (rewritten for the target: `codegen.code_program`) as LLVM modules."""
 
     def __init__(self, prog: Program, ftype: str, prefix: str, checked: bool = False, fuse: bool = True,
-                 target: Target | str | None = None):
+                 target: Target | str | None = None, choices: dict | None = None):
         self.prog, self.ft, self.prefix, self.checked = prog, ftype, prefix, checked
         self.target = resolve(target)
         self.lanes = self.target.vector_lanes(ftype)  # elements per vector register
         self.current_stage = 0
-        self.scheduler = Scheduler(prog, fuse, target=self.target, ftype=ftype)
+        self.scheduler = Scheduler(prog, fuse, target=self.target, ftype=ftype, choices=choices)  # (tuner's)
         self.steps: dict[str, list] = {}  # phase → per stage of the phase, the index of the kernel running it
         self.units: list[list[int]] = []  # the train phase's kernels, as indices into prog.all_stages()
         self.kernel_functions: dict[tuple, tuple] = {}  # stages (by id) → (function name, its tensors)

@@ -67,17 +67,20 @@ class LLVMExecutable:
     name = "llvm"
 
     def __init__(self, prog: Program, dtype=np.float32, use_cache: bool = True, manifest: dict | None = None,
-                 target: Target | str | None = None):
+                 target: Target | str | None = None, choices: dict | None = None):
         """``manifest`` is what an earlier compile of the same program generated (see
         `manifest()`, stored by the program cache): given, no IR is written again. ``target``:
-        what the code is written for (a `Target` or its name; default `target.resolve`'s)."""
+        what the code is written for (a `Target` or its name; default `target.resolve`'s).
+        ``choices``: the tuner's per-kernel overrides of the schedule (`tuner`; default: none,
+        the target's rules)."""
         self.dtype = np.dtype(dtype)
         self.target = resolve(target)
         self.checked = os.environ.get("CNNCOMPILE_CHECK") == "1"
         if manifest is None:
             ftype = "float" if self.dtype == np.float32 else "double"
             code_prog = code_program(prog, ftype, self.target)
-            writer = ModuleWriter(code_prog, ftype, PLACEHOLDER, checked=self.checked, target=self.target)
+            writer = ModuleWriter(code_prog, ftype, PLACEHOLDER, checked=self.checked, target=self.target,
+                                  choices=choices)
             manifest = {"texts": writer.modules(compile_workers()), "scalar_names": writer.scalar_names,
                         "steps": writer.steps, "units": writer.units, "program": code_prog,
                         "elided": writer.elided_tensors}
@@ -106,11 +109,13 @@ class LLVMExecutable:
         _live.add(self)
 
     @staticmethod
-    def codegen_options(target: Target | str | None = None) -> tuple:
+    def codegen_options(target: Target | str | None = None, choices: dict | None = None) -> tuple:
         """What, besides the program, decides the generated IR (part of the program cache key):
-        the bounds checks, the module split, and the target."""
+        the bounds checks, the module split, the target, and (a tuned compile, even one that kept
+        every rule) the tuner's choices."""
+        tuned = () if choices is None else (("tuned", sorted((k, sorted(v.items())) for k, v in choices.items())),)
         return ("checked" if os.environ.get("CNNCOMPILE_CHECK") == "1" else "plain", compile_workers(),
-                resolve(target).key())
+                resolve(target).key()) + tuned
 
     def manifest(self) -> dict:
         """The generated IR and the facts the runtime needs about it, for the program cache."""

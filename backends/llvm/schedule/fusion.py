@@ -20,6 +20,7 @@ from cnncompile.ir.loops import ClassNest, covers_outputs, lower, read_ranges, s
 from cnncompile.ir.residue import substitute
 
 from ..target import Target, resolve
+from .choices import fingerprint, valid
 from .templates import REGISTER_ROWS, template
 from .vectors import interleaved_pairs, vector_epilogue
 
@@ -87,11 +88,15 @@ def merge_classes(nests, templates) -> list[list[int]]:
 
 class Scheduler:
     """Kernels for every phase of one program on one target (default: `target.resolve`'s); each
-    stage is lowered and templated once. ``ftype``: the program's float type ("float", "double")."""
+    stage is lowered and templated once. ``ftype``: the program's float type ("float", "double").
+    ``choices``: the tuner's overrides, kernel fingerprint (`choices.fingerprint` of its main
+    stage) → choice; empty (the default): the target's rules."""
 
-    def __init__(self, prog: Program, fuse: bool = True, target: Target | str | None = None, ftype: str = "float"):
+    def __init__(self, prog: Program, fuse: bool = True, target: Target | str | None = None, ftype: str = "float",
+                 choices: dict | None = None):
         self.prog, self.fuse, self.target = prog, fuse, resolve(target)
         self.lanes = self.target.vector_lanes(ftype)
+        self.ftype, self.choices = ftype, dict(choices or {})
         self.lowered: dict[int, tuple] = {}  # id(stage) → (nests, templates); stages live in prog
         self.read_sets: dict[int, set] = {}
         self.epilogues: dict[tuple, object] = {}
@@ -100,9 +105,18 @@ class Scheduler:
         """One stage as a kernel of its own."""
         if id(stage) not in self.lowered:
             nests = lower(stage, self.prog)
-            self.lowered[id(stage)] = nests, [[template(n, t, self.prog, self.target, self.lanes) for t in n.terms]
-                                             for n in nests]
+            choice = self.choice(stage)
+            self.lowered[id(stage)] = nests, [[template(n, t, self.prog, self.target, self.lanes, choice)
+                                               for t in n.terms] for n in nests]
         return Kernel(stage, *self.lowered[id(stage)], lanes=self.lanes)
+
+    def choice(self, stage: Stage) -> dict:
+        """The tuner's choice for the kernel ``stage`` leads ({}: the rules; one that is not a
+        valid choice is never applied)."""
+        if not self.choices:
+            return {}
+        found = self.choices.get(fingerprint(stage, self.prog, self.target, self.ftype), {})
+        return found if valid(found) else {}
 
     def reads(self, stage: Stage) -> set[str]:
         if id(stage) not in self.read_sets:

@@ -31,6 +31,7 @@ from ..target import Target
 from ..vector_ops import vector_safe
 from .blocks import (apart_innermost, batch_pair, dot_block, lanes_tile, mentions, output_tile, reduction_block,
                      row_tile, tiled_order)
+from .choices import jam_sizes, resized
 from .vectors import (map_row_vectorizable, max_row_vectorizable, reduction_vectorizable, unit_stride_reads,
                       vectorizable)
 
@@ -62,10 +63,13 @@ class Template:
         return first, (blocked[1] if blocked and blocked[0] == first else 1)
 
 
-def template(nest: ClassNest, term: TermNest, prog: Program, target: Target, lanes: int) -> Template:
+def template(nest: ClassNest, term: TermNest, prog: Program, target: Target, lanes: int,
+             choice: dict | None = None) -> Template:
     """``lanes``: elements per vector register of the program's float type on ``target``. A class
     with several terms keeps its first output variable outermost and unblocked in every term's
-    nest, so that all of them (and the initialisation) give each thread the same outputs."""
+    nest, so that all of them (and the initialisation) give each thread the same outputs.
+    ``choice``: the tuner's overrides of the blocks (`choices`; None or {}: the rules)."""
+    choice = choice or {}
     stage, outer, reduce_ = nest.stage, nest.outer, nest.reduce
     free = len(nest.terms) == 1 and bool(outer)
     movable = [v for v, _ in outer] if free else [v for v, _ in outer[1:]]  # may be blocked or reordered
@@ -81,7 +85,7 @@ def template(nest: ClassNest, term: TermNest, prog: Program, target: Target, lan
     if single_term_per_output(nest, term):  # (max pooling's gradient: one gather per output)
         return Template("scalar", tuple(order), False, fresh=True)
     if stage.lanes:
-        lanes_template = lanes_row(nest, term, prog, lanes, accumulate, target)
+        lanes_template = lanes_row(nest, term, prog, lanes, accumulate, target, choice)
         if lanes_template is not None:
             return lanes_template
     row_order = [o for o, _ in outer[:-1]] + [r for r, _ in reduce_] + [outer[-1][0]] if outer else order
@@ -95,9 +99,11 @@ def template(nest: ClassNest, term: TermNest, prog: Program, target: Target, lan
         if tile is not None:
             initialised = nest.needs_init and not fresh  # (by a nest of its own, split by the block's unit)
             pair = batch_pair(term, outer, row, extent, tile, lanes, target.accumulators) \
-                if free and not initialised else None
+                if free and not initialised and choice.get("pair", True) else None
             if pair is not None:
                 tile = (tile[0], tile[1] // 2, tile[2])
+            else:
+                tile = resized(tile, choice.get("tile"), -(-extent // lanes), target.accumulators)
             return Template("tiled_row", tuple(tiled_order(outer, reduce_, row, tile[0], free)), accumulate, row,
                             extent, len(outer) - 1, tile=tile, fresh=fresh, pair=pair)
         return Template("row", tuple(row_order), accumulate, row, extent, len(outer) - 1, fresh=fresh)
@@ -111,14 +117,14 @@ def template(nest: ClassNest, term: TermNest, prog: Program, target: Target, lan
         return Template("reduction_row", tuple(order), accumulate, r, extent, len(outer),
                         several=len(reduce_) > 1)
     order = batch_inward(order, nest, term, prog) if free else order
-    jam = dot_block(nest, term, order, target.jam_sizes()) if free else None
+    jam = dot_block(nest, term, order, jam_sizes(target, choice)) if free else None
     if jam is not None and jam[0] in dict(outer):  # outermost: the threads share it in whole blocks
         order = [jam[0]] + [o for o in order if o != jam[0]]  # (a reduction's block stays where it was)
     return Template("scalar", tuple(order), accumulate, block=jam)
 
 
 def lanes_row(nest: ClassNest, term: TermNest, prog: Program, lanes: int, accumulate: bool,
-              target: Target) -> Template | None:
+              target: Target, choice: dict) -> Template | None:
     """A tiled row along the stage's lane variable ``u`` (see `lanes`: output channels whose
     reads were packed with ``u`` last), which is not the output's last index: every read is
     unit-stride in ``u`` or free of it, ``u``'s extent is whole vectors, and the row is written
@@ -138,6 +144,7 @@ def lanes_row(nest: ClassNest, term: TermNest, prog: Program, lanes: int, accumu
     if not unit_stride_reads(term.term, u, prog) or not vector_safe(term.term, {n for n, _ in nest.grid}):
         return None
     tile = lanes_tile(term, outer, u, extent // lanes, target.wide_accumulators)
+    tile = resized(tile, choice.get("tile"), extent // lanes, target.wide_accumulators)
     if tile is None:
         return None
     order = tiled_order(outer, reduce_, u, tile[0], True)
