@@ -24,7 +24,7 @@ from sympy.printing.str import StrPrinter
 from cnncompile.ir import autodiff
 from cnncompile.ir.affine import Affine
 from cnncompile.ir.autodiff import derive_read, grad_name
-from cnncompile.ir.canonical import fingerprint, index_fingerprint, name_ranks, read_text, tensor_names
+from cnncompile.ir.canonical import affine_sympy, fingerprint, index_fingerprint, name_ranks, read_text, tensor_names
 from cnncompile.ir.errors import CompileError
 from cnncompile.ir.expr import BATCH, Stage, tensor_of, var_bounds
 
@@ -443,6 +443,8 @@ def bound_text(bounds, lower: bool, names, p=None) -> str:
 
 
 def as_index(e):
+    if isinstance(e, Affine):
+        return affine_sympy(e)
     return e.to_sympy() if hasattr(e, "to_sympy") else e
 
 

@@ -13,8 +13,9 @@ For a stage ``out[g(I)] = combine_R body`` and each read ``T[f(I, R)]`` in ``bod
 Networks repeat formulas under other names (ResNet's blocks), so each step is done once per
 canonical form (`ir.canonical`): a transposition per stage and read up to tensor names, its body
 up to names and sizes, a local derivative per body with its reads as placeholders. The result is
-the one a derivation of its own gives, argument for argument (``CNNCOMPILE_DERIVE_MEMO=0``
-derives every read afresh; the tests compare the two).
+the one a derivation of its own gives, argument for argument. ``CNNCOMPILE_DERIVE_MEMO=0`` (`MEMO`)
+turns every such reuse off: each op is lowered afresh (`ir.ops.base.lower_op`), each read derived
+afresh and each stage printed afresh (`cnncompile.explain`); the tests compare the two ways.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import sympy
 
 from .affine import Affine, Box, Divides, extended_gcd
 from .errors import CompileError
-from .canonical import fingerprint, index_fingerprint, read_text, relabel, tensor_names
+from .canonical import fingerprint, index_fingerprint, out_read as indexed_out, read_text, relabel, tensor_names
 from .expr import Program, Stage, TensorSpec, read, tensor_of, var
 
 FRESH = ("u", "v", "w", "p", "q", "r", "s")
@@ -70,7 +71,7 @@ def derive(prog: Program, wrt: list[str], mode: str = "train", read_rule=None) -
     return out
 
 
-MEMO = os.environ.get("CNNCOMPILE_DERIVE_MEMO", "1") != "0"  # off: every read derived afresh (to compare)
+MEMO = os.environ.get("CNNCOMPILE_DERIVE_MEMO", "1") != "0"  # off: every op lowered, read derived, stage printed afresh
 MEMO_LIMIT = 20000  # entries per table before it is emptied (a long session of many networks)
 _transposed: dict = {}  # canonical (stage, read) → (its names in order, the stages derived for it)
 _bodies: dict = {}  # the same without sizes → (its names in order, the gradient's body or None for none)
@@ -147,7 +148,7 @@ def local_derivative(stage: Stage, r: sympy.Indexed):
     reads = reads_of(stage.body)
     d = body_derivative(stage.body, reads, reads.index(r))
     if stage.combine == "max":
-        out_read = read(stage.out, *(e.to_sympy() for e in stage.out_index))
+        out_read = indexed_out(stage.out, stage.out_index)
         if len(stage.argmax) != len(stage.reduce):  # zip would drop the routing: a sum over the window
             raise CompileError(f"internal: max stage {stage.out} of layer {stage.layer!r} records "
                                f"{len(stage.argmax)} winner tensors for {len(stage.reduce)} window variables; "
@@ -156,7 +157,7 @@ def local_derivative(stage: Stage, r: sympy.Indexed):
         for (v, _), winner in zip(stage.reduce, stage.argmax):
             d = d * sympy.KroneckerDelta(var(v), read(winner, *out_read.indices))
     elif stage.combine is None and stage.body.has(sympy.Function):
-        out_read = read(stage.out, *(e.to_sympy() for e in stage.out_index))
+        out_read = indexed_out(stage.out, stage.out_index)
         d = d.xreplace({stage.body: out_read})  # f'(z) in terms of f(z): σ(1−σ), 1−tanh², e^z
     return d
 
@@ -216,7 +217,7 @@ def transpose(stage: Stage, r: sympy.Indexed, accumulate: bool, shape: tuple, bo
         local = local_derivative(stage, r)
         if local == 0:
             return []
-        d_out = read(grad_name(stage.out), *(e.to_sympy() for e in stage.out_index))
+        d_out = indexed_out(grad_name(stage.out), stage.out_index)
         contribution = d_out * local
     extents = dict(stage.domain) | dict(stage.reduce)
     index = stage.read_index(r)

@@ -118,6 +118,23 @@ def index_fingerprint(i, token) -> tuple:
 _indices: dict = {}
 
 
+_affine: dict = {}  # Affine → its sympy form
+
+
+def affine_sympy(e):
+    """``e.to_sympy()`` of an `Affine`, built once (every stage's output index is one of a few)."""
+    hit = _affine.get(e)
+    if hit is None:
+        hit = e.to_sympy()
+        cache(_affine, e, hit)
+    return hit
+
+
+def out_read(tensor: str, out_index):
+    """``tensor`` read at a stage's output index (``read`` with the sympy forms built once)."""
+    return indexed_base(tensor)[tuple(affine_sympy(e) for e in out_index)]
+
+
 @lru_cache(maxsize=4096)
 def indexed_base(name: str) -> sympy.IndexedBase:
     return sympy.IndexedBase(name)

@@ -118,10 +118,22 @@ def test_random_networks_derive_the_same_program_with_and_without_memoization(mo
                        cc.optim.SGD(lr=0.1, momentum=0.9), loss_weights=(1.0, 0.5) if two else None)
         memo, plain = derived_both_ways(d, monkeypatch)
         assert_same_program(memo, plain)
+        assert explained_both_ways(d, monkeypatch) is True
         tried.append(desc)
 
     check()
     assert len(tried) >= 10
+
+
+def explained_both_ways(d, monkeypatch):
+    """True where `explain` prints the same text with memoization (printed lines as earlier
+    networks left them) and without; else the two texts."""
+    texts = []
+    for memo in (True, False):
+        monkeypatch.setattr(autodiff, "MEMO", memo)
+        d._prog = None
+        texts.append(d.explain())
+    return texts[0] == texts[1] or texts
 
 
 @pytest.mark.parametrize("size", [13, 15, 18])
@@ -145,7 +157,7 @@ def explained(name: str) -> str:
     return "\n".join([one, d.explain(), d.explain(notation="lecture"), d.explain(latex=True)])
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenet", "bbox"])
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_explain_prints_the_same_text_with_and_without_memoization(name, monkeypatch):
     explain_module._printed.clear()
     monkeypatch.setattr(autodiff, "MEMO", True)
