@@ -85,6 +85,21 @@ def derive_read(stage: Stage, r: sympy.Indexed, accumulate: bool, shape: tuple) 
     that one's gradient body (sizes enter only the ranges, which are solved again)."""
     if not MEMO:
         return transpose(stage, r, accumulate, shape)
+    again = (id(stage), r, accumulate, shape)  # (the stage is kept in the entry: its id stays its own)
+    hit = _again.get(again)
+    if hit is not None and hit[0] is stage:
+        return list(hit[1])
+    stages = derive_canonical(stage, r, accumulate, shape)
+    remember(_again, again, (stage, stages))
+    return list(stages)
+
+
+_again: dict = {}  # (id(stage), read, accumulate, shape) → the stage, its gradient stages: a stage met again
+
+
+def derive_canonical(stage: Stage, r: sympy.Indexed, accumulate: bool, shape: tuple) -> list[Stage]:
+    """`derive_read` of a stage not met before (a mode's derivation meets the stages both modes run
+    again, `explain` the stages it shows)."""
     shared, sizes, names = transpose_key(stage, r)
     key = (shared, sizes, accumulate, shape)
     hit = _transposed.get(key)
