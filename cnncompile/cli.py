@@ -1,4 +1,4 @@
-"""cnncompile COMMAND FILE.py: compile, train, explain, time and picture a network file.
+"""cnncompile COMMAND FILE.py: compile, train, explain, time, tune and picture a network file.
 
 A network file defines ``net`` and may define ``input_shape``, ``loss``, ``loss_weights``,
 ``optimizer``, ``dataset`` ("mnist", "cifar10", or a function returning {"train", "val",

@@ -102,7 +102,8 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
     backend_options = {"target": target} if executable_class.name == "llvm" else {}  # (NumPy has no target)
     def key_for(options: tuple) -> str:
         return program_cache.key(tracer.graph, outputs + [f"dL/d{t}" for t in grad_inputs], loss_name, optimizer,
-                                 executable_class.name, dtype, options + (("sync_batchnorm",) if sync_batchnorm else ()))
+                                 executable_class.name, dtype,
+                                 options + (("sync_batchnorm",) if sync_batchnorm else ()))
 
     def fresh_program():
         prog = build_program(tracer, outputs, targets, loss_name, loss, optimizer, grad_inputs)
@@ -119,8 +120,8 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
             raise CompileError("tune=True times the LLVM backend's code: drop tune= or use backend='llvm'")
         from cnncompile.backends.llvm.tuner import tuned_executable
         prog, executable, tune_report, warm = tuned_executable(
-            entry["prog"] if entry is not None else fresh_program(), dtype, target, tune_seconds, key_for,
-            lambda key, prog_, exe: program_cache.store(key, {"prog": prog_, "manifest": exe.manifest()}))
+            name, lambda: entry["prog"] if entry is not None else fresh_program(), dtype, target, tune_seconds,
+            key_for, lambda key, prog_, exe: program_cache.store(key, {"prog": prog_, "manifest": exe.manifest()}))
         entry = {} if warm else None
     elif entry is not None:  # a warm start: nothing is derived, scheduled or generated again
         prog = entry["prog"]

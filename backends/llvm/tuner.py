@@ -13,8 +13,11 @@ for the whole network, the final compile included: the longest round so far is t
 A kernel whose candidates were all timed gets its choice stored in the disk cache (one
 checksummed entry per kernel fingerprint and target, ``.tune``), and every later tuned compile
 on this host uses it without timing anything; a kernel the budget left half-timed uses its best
-so far and is tuned again next time. An alternative replaces the rules only when it is faster by
-MARGIN (5 %: noise on a shared machine is a few percent). Untuned compiles never read these entries.
+so far and is tuned again next time. A second entry per program lists its kernels' choices, so
+that a later tuned compile of it loads the stored program without lowering a stage (any kernel's
+entry damaged or replaced: the program is gone through again). An alternative replaces the
+rules only when it is faster by MARGIN (5 %: noise on a shared machine is a few percent).
+Untuned compiles never read these entries.
 """
 from __future__ import annotations
 
@@ -153,12 +156,14 @@ class Tuner:
         self.seconds = TUNE_SECONDS if seconds is None else float(seconds)
         self.batch = batch
         self.report: list[str] = []  # what was chosen and why, for `cnncompile tune`
+        self.found: list[str] = []  # the fingerprints of the kernels with candidates
 
     def choices(self) -> dict[str, dict]:
         """Fingerprint → choice for every tunable kernel: stored ones, then timed ones."""
         started = time.monotonic()
         code = code_program(self.prog, self.ftype, self.target)
         found = tunable(code, self.target, self.ftype)
+        self.found = list(found)
         known = {fp: load_choice(fp) for fp in found}
         missing = {fp: cands for fp, cands in found.items() if known[fp] is None}
         self.report.append(f"{len(found)} kernels with candidates, {len(found) - len(missing)} chosen before "
@@ -221,20 +226,63 @@ def describe(choice: dict) -> str:
     return "rules" if not choice else " ".join(f"{k}={v}" for k, v in sorted(choice.items()))
 
 
-def tuned_executable(prog, dtype, target, seconds: float | None, key_for, store) -> tuple:
-    """The executable of ``prog`` with the tuner's choices, and its report. ``key_for(options)``:
-    the program cache's key for these codegen options; ``store(name, prog, executable)``: cache it.
-    A program compiled with the same choices before is loaded, not generated again."""
+def index_name(program_key: str) -> str:
+    """The entry listing a program's tuned kernels and their choices (see `tuned_executable`)."""
+    return hashlib.sha256(f"{FORMAT} index\n{program_key}".encode()).hexdigest() + ".tune"
+
+
+def load_index(program_key: str) -> dict | None:
+    """The choices a tuned compile of this program used, if every one of them is still the
+    kernel's stored choice (a kernel's entry damaged or replaced: None, and the program is
+    tuned through again)."""
+    payload = diskcache.read(index_name(program_key))
+    try:
+        record = json.loads(payload.decode()) if payload is not None else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("program") != program_key \
+            or not isinstance(record.get("kernels"), dict):
+        return None
+    kernels = record["kernels"]
+    if not all(valid(c) and load_choice(fp) == c for fp, c in kernels.items()):
+        return None
+    return {fp: c for fp, c in kernels.items() if c}
+
+
+def store_index(program_key: str, fps) -> None:
+    """Record each tunable kernel's (``fps``) stored choice for this program, when every one has one."""
+    kernels = {fp: load_choice(fp) for fp in fps}
+    if all(c is not None for c in kernels.values()):
+        record = {"format": FORMAT, "program": program_key, "kernels": kernels}
+        diskcache.write(index_name(program_key), json.dumps(record, sort_keys=True).encode())
+
+
+def tuned_executable(program_key: str, program, dtype, target, seconds: float | None, key_for, store) -> tuple:
+    """The executable of a program with the tuner's choices: (program, executable, report, warm).
+    ``program_key``: the untuned program's cache key; ``program()``: the program (derived only
+    if needed); ``key_for(options)``: the program cache's key for these codegen options;
+    ``store(name, prog, executable)``: cache it. A program tuned before, whose kernels' stored
+    choices are unchanged, is loaded with nothing lowered or timed."""
     from cnncompile import program_cache
 
     target = resolve(target)
+    choices = load_index(program_key)
+    if choices is not None:
+        entry = program_cache.load(key_for(LLVMExecutable.codegen_options(target, choices)))
+        if entry is not None:
+            return entry["prog"], LLVMExecutable(entry["prog"], dtype, manifest=entry["manifest"], target=target,
+                                                 choices=choices), [f"{len(choices)} kernels off the rules, "
+                                                                    f"as stored (nothing timed)"], True
+    prog = program()
     tuner = Tuner(prog, dtype, target, seconds)
     choices = tuner.choices()
     name = key_for(LLVMExecutable.codegen_options(target, choices))
     entry = program_cache.load(name)
     if entry is not None:
-        return entry["prog"], LLVMExecutable(entry["prog"], dtype, manifest=entry["manifest"], target=target,
-                                             choices=choices), tuner.report, True
-    executable = LLVMExecutable(prog, dtype, target=target, choices=choices)
-    store(name, prog, executable)
-    return prog, executable, tuner.report, False
+        executable = LLVMExecutable(entry["prog"], dtype, manifest=entry["manifest"], target=target, choices=choices)
+        prog = entry["prog"]
+    else:
+        executable = LLVMExecutable(prog, dtype, target=target, choices=choices)
+        store(name, prog, executable)
+    store_index(program_key, tuner.found)
+    return prog, executable, tuner.report, entry is not None

@@ -18,5 +18,5 @@ from .parity import pack_parity, parity_name
 from .templates import REGISTER_ROWS, Template, template
 from .vectors import vector_epilogue
 
-__all__ = ["Kernel", "candidates", "fingerprint", "REGISTER_ROWS", "Scheduler", "Template", "pack_lanes", "pack_parity", "parity_name",
-           "reductions_closed", "template", "vector_epilogue"]
+__all__ = ["Kernel", "REGISTER_ROWS", "Scheduler", "Template", "candidates", "fingerprint", "pack_lanes", "pack_parity",
+           "parity_name", "reductions_closed", "template", "vector_epilogue"]

@@ -49,8 +49,12 @@ def fingerprint(stage: Stage, prog: Program, target: Target, ftype: str) -> str:
     def rename(name: str) -> str:
         return names.setdefault(name, f"T{len(names)}")
 
-    rename(stage.out)
-    swap = {r: sympy.Indexed(sympy.IndexedBase(rename(tensor_of(r))), *r.indices) for r in stage.reads()}
+    def shape(name: str) -> str:
+        return repr(prog.tensors[name].shape) if name in prog.tensors else ""
+
+    rename(stage.out)  # (reads in an order of their indices and shapes, not of their names: layer 9 and 10 alike)
+    reads = sorted(stage.reads(), key=lambda r: (sympy.srepr(r.indices), shape(tensor_of(r)), tensor_of(r)))
+    swap = {r: sympy.Indexed(sympy.IndexedBase(rename(tensor_of(r))), *r.indices) for r in reads}
     body = sympy.srepr(stage.body.xreplace(swap))
     packed = tuple(rename(p) if p in prog.tensors else repr(p) for p in stage.packed)
     shapes = [(short, repr(prog.tensors[long].shape), str(prog.tensors[long].dtype))
