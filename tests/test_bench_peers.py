@@ -82,8 +82,8 @@ def test_worker_protocol_one_round(lenet5, tmp_path):
     w = zoo.Worker("eager", "lenet5", path, 64, tmp_path, check_steps=CHECK_STEPS)
     try:
         assert w.ready["ok"], w.ready
-        first, step = zoo.check_losses("lenet5", reference, w)
-        assert first <= zoo.LOSS_BOUND and step <= zoo.UPDATE_BOUND
+        first, second = zoo.check_losses("lenet5", reference, w)
+        assert first <= 1 and second <= 1
         w.time(1)
         assert len(w.seconds) == 1 and w.seconds[0] > 0
     finally:
@@ -99,10 +99,10 @@ def test_loss_check_fails_loudly_on_different_losses():
     ref = fake("cnncompile", [2.3, 2.2])
     with pytest.raises(zoo.BenchError, match=r"jax's losses \[2\.3001, 2\.2001\] differ from cnncompile's"):
         zoo.check_losses("lenet5", ref, fake("jax", [2.3001, 2.2001]))
-    with pytest.raises(zoo.BenchError, match="its change by the update by 5.0e-01"):
+    with pytest.raises(zoo.BenchError, match=r"by 0 and 4\.1e\+02 of their bounds"):
         zoo.check_losses("lenet5", ref, fake("jax", [2.3, 2.25]))
-    first, step = zoo.check_losses("lenet5", ref, fake("jax", [2.3 + 1e-6, 2.2 + 2e-6]))
-    assert first <= zoo.LOSS_BOUND and step <= zoo.UPDATE_BOUND
+    first, second = zoo.check_losses("lenet5", ref, fake("jax", [2.3 + 1e-6, 2.2 + 2e-6]))
+    assert first < 1 and second < 1
 
 
 def test_missing_framework_is_a_column_not_an_error(lenet5, tmp_path, monkeypatch):
