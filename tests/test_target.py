@@ -219,8 +219,14 @@ def every_buffer_matches(ref, got, prog):
             assert np.abs(got[tensor] - ref[tensor]).max() / scale < 1e-5, tensor
 
 
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("target", TARGETS)
+def case_params():
+    """Every case under both targets; the test_llvm networks under avx2 (the default target, which
+    test_llvm.py already compares on every buffer) run with the slow tests."""
+    return [pytest.param(name, target, marks=[pytest.mark.slow] if target == "avx2" and name in NETS else [])
+            for target in TARGETS for name in CASES]
+
+
+@pytest.mark.parametrize("name, target", case_params())
 def test_llvm_matches_numpy_on_every_buffer_under_each_target(name, target):
     build, shape = CASES[name]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy", seed=2)
