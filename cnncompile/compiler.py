@@ -112,16 +112,20 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
             prog.cuts = sync_cuts(prog, tracer.graph)
         return prog
 
+    def untuned_program():  # (the untuned entry's, if any: nothing is derived again)
+        stored = program_cache.load(name)
+        return stored["prog"] if stored is not None else fresh_program()
+
     name = key_for(executable_class.codegen_options(**backend_options))
-    entry = program_cache.load(name)
+    entry = None if tune else program_cache.load(name)
     tune_report = None
-    if tune:  # the untuned entry's program, if any, is the one to tune (nothing is derived again)
+    if tune:
         if executable_class.name != "llvm":
             raise CompileError("tune=True times the LLVM backend's code: drop tune= or use backend='llvm'")
         from cnncompile.backends.llvm.tuner import tuned_executable
         prog, executable, tune_report, warm = tuned_executable(
-            name, lambda: entry["prog"] if entry is not None else fresh_program(), dtype, target, tune_seconds,
-            key_for, lambda key, prog_, exe: program_cache.store(key, {"prog": prog_, "manifest": exe.manifest()}))
+            name, untuned_program, dtype, target, tune_seconds, key_for,
+            lambda key, prog_, exe: program_cache.store(key, {"prog": prog_, "manifest": exe.manifest()}))
         entry = {} if warm else None
     elif entry is not None:  # a warm start: nothing is derived, scheduled or generated again
         prog = entry["prog"]

@@ -351,7 +351,8 @@ class Model:
         vector width, blocking and the threads' split (read from the scheduler, not from the code),
         for the target this model's code was written for."""
         from .schedule_text import schedule
-        return schedule(self.prog, phase, self.dtype, getattr(self.executable, "target", None))
+        return schedule(self.prog, phase, self.dtype, getattr(self.executable, "target", None),
+                        getattr(self.executable, "choices", None))  # (a tuned model's choices)
 
     def fit(self, train, epochs: int = 1, batch_size: int = 64, validation=None, callbacks=(), seed: int = 0,
             verbose=True, augment=None, nan_guard=None):

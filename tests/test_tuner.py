@@ -73,6 +73,8 @@ def test_tuned_results_equal_untuned_bit_for_bit(monkeypatch, k):
     force(monkeypatch, k)
     tuned = compile_small(tune=True)
     assert tuned.executable.ir_text != untuned.executable.ir_text
+    assert tuned.schedule("train") == schedule(tuned.prog, "train", choices=forced(tuned.prog, k)) \
+        != untuned.schedule("train")
     rng = np.random.default_rng(5)
     x = rng.standard_normal((6, *SHAPE)).astype(np.float32)
     y = rng.integers(0, 10, 6)

@@ -75,6 +75,7 @@ class LLVMExecutable:
         the target's rules)."""
         self.dtype = np.dtype(dtype)
         self.target = resolve(target)
+        self.choices = dict(choices or {})  # (what model.schedule() shows)
         self.checked = os.environ.get("CNNCOMPILE_CHECK") == "1"
         if manifest is None:
             ftype = "float" if self.dtype == np.float32 else "double"

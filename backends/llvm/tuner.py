@@ -275,7 +275,7 @@ def tuned_executable(program_key: str, program, dtype, target, seconds: float | 
                                                                     f"as stored (nothing timed)"], True
     prog = program()
     tuner = Tuner(prog, dtype, target, seconds)
-    choices = tuner.choices()
+    choices = {fp: c for fp, c in tuner.choices().items() if c}  # (the rules' {} as in `load_index`)
     name = key_for(LLVMExecutable.codegen_options(target, choices))
     entry = program_cache.load(name)
     if entry is not None:
