@@ -86,6 +86,24 @@ NETS = {
 }
 
 
+def train_alike(models, shape, steps=2):
+    """Train a NumPy-backend model and an LLVM one side by side on the same batches, working buffers
+    poisoned before each step: equal losses, then equal parameters and optimizer state (1e-4 of
+    scale: float32 rounding through Adam's division)."""
+    rng = np.random.default_rng(5)
+    for _ in range(steps):
+        x = rng.standard_normal((5, *shape)).astype(np.float32)
+        y = rng.integers(0, 5, 5)
+        for model in models:
+            poison(model.executable, 5, share=model.executable.name == "llvm")
+        losses = [m.train_step(x, y) for m in models]
+        assert abs(losses[0] - losses[1]) <= 1e-5 * max(1.0, abs(losses[0]))
+    ref, got = (m.executable.state for m in models)
+    for k in ref:
+        scale = max(float(np.abs(ref[k]).max()), 1e-6)
+        assert np.abs(got[k] - ref[k]).max() / scale < 1e-4, k
+
+
 def poison(executable, batch, share=False):
     env = executable.bind(batch, share)[0]
     for name, spec in executable.prog.tensors.items():
@@ -180,18 +198,7 @@ def test_fused_train_steps_match_numpy(name, optimizer):
     # makes Adam's step ±lr on rounding noise alone: a test of the fused update, not of that)
     models = [cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend=b, seed=2, optimizer=opt)
               for b in ("numpy", "llvm")]
-    rng = np.random.default_rng(5)
-    for step in range(2):
-        x = rng.standard_normal((5, *shape)).astype(np.float32)
-        y = rng.integers(0, 5, 5)
-        for model in models:
-            poison(model.executable, 5, share=model.executable.name == "llvm")
-        losses = [m.train_step(x, y) for m in models]
-        assert abs(losses[0] - losses[1]) <= 1e-5 * max(1.0, abs(losses[0]))
-    ref, got = (m.executable.state for m in models)
-    for k in ref:
-        scale = max(float(np.abs(ref[k]).max()), 1e-6)
-        assert np.abs(got[k] - ref[k]).max() / scale < 1e-4, k  # float32 rounding through Adam's division
+    train_alike(models, shape)
 
 
 def test_schedule_fuses_elementwise_stages_and_updates_into_their_producers():

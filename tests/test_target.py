@@ -15,7 +15,7 @@ from cnncompile.backends.llvm import target as tg
 from cnncompile.backends.llvm.codegen import ModuleWriter, code_program
 from cnncompile.backends.llvm.program import LLVMExecutable
 from cnncompile.backends.llvm.schedule import Scheduler
-from test_llvm import NETS, poison
+from test_llvm import NETS, poison, train_alike
 
 TARGETS = ("avx2", "avx512")
 pytestmark = pytest.mark.filterwarnings("ignore:cnncompile target avx512:RuntimeWarning")  # (split 16-lane code)
@@ -255,18 +255,7 @@ def test_train_steps_under_16_lanes_match_numpy(name):
         warnings.simplefilter("ignore", RuntimeWarning)
         models = [cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend=b, seed=2, optimizer=opt,
                              target="avx512") for b in ("numpy", "llvm")]
-    rng = np.random.default_rng(5)
-    for _ in range(2):
-        x = rng.standard_normal((5, *shape)).astype(np.float32)
-        y = rng.integers(0, 5, 5)
-        for model in models:
-            poison(model.executable, 5, share=model.executable.name == "llvm")
-        losses = [m.train_step(x, y) for m in models]
-        assert abs(losses[0] - losses[1]) <= 1e-5 * max(1.0, abs(losses[0]))
-    ref, got = (m.executable.state for m in models)
-    for k in ref:
-        scale = max(float(np.abs(ref[k]).max()), 1e-6)
-        assert np.abs(got[k] - ref[k]).max() / scale < 1e-4, k
+    train_alike(models, shape)
 
 
 @pytest.mark.parametrize("target", TARGETS)

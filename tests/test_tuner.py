@@ -12,6 +12,7 @@ from cnncompile.backends.llvm import tuner
 from cnncompile.backends.llvm.codegen import code_program
 from cnncompile.backends.llvm.target import resolve
 from cnncompile.schedule_text import schedule
+from test_llvm import poison
 
 SHAPE = (3, 16, 16)
 
@@ -44,14 +45,6 @@ def force(monkeypatch, k):
     def choices(self):
         return forced(self.prog, k)
     monkeypatch.setattr(tuner.Tuner, "choices", choices)
-
-
-def poison(executable, batch, share=False):
-    env = executable.bind(batch, share)[0]
-    for name, spec in executable.prog.tensors.items():
-        if spec.role not in ("param", "buffer", "state", "input", "label"):
-            env[name][...] = -987654321 if spec.dtype != "float" else np.nan
-    return env
 
 
 def no_timing(*args, **kw):
