@@ -157,7 +157,8 @@ def explained(name: str) -> str:
     return "\n".join([one, d.explain(), d.explain(notation="lecture"), d.explain(latex=True)])
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in ("densenet", "resnet20", "resnet18")
+                                              else []) for n in EXAMPLES])  # (the three largest: 7-10 s each)
 def test_explain_prints_the_same_text_with_and_without_memoization(name, monkeypatch):
     explain_module._printed.clear()
     monkeypatch.setattr(autodiff, "MEMO", True)

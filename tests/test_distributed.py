@@ -100,7 +100,8 @@ def test_two_ranks_equal_one_process(tmp_path, case):
     assert_close(two, one)
 
 
-@pytest.mark.parametrize("case", ["sgd", "bn", "sync_bn"])
+@pytest.mark.parametrize("case", [pytest.param("sgd", marks=pytest.mark.slow), pytest.param("bn", marks=pytest.mark.slow),
+                                  "sync_bn"])  # (10-12 s each; synchronized batch norm cuts most: it stays)
 def test_overlapped_sums_train_like_sums_after_the_backward(tmp_path, case):
     """With overlap and a tiny bucket size (every parameter gradient a bucket of its own: the
     grads phase cut after each, each bucket's sum started before the earlier layers' gradients
