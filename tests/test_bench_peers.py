@@ -45,20 +45,19 @@ def assert_same_losses(got, want):
     np.testing.assert_allclose(got, want, rtol=zoo.LOSS_BOUND, atol=zoo.LOSS_BOUND)
 
 
+@pytest.mark.bench  # needs the bench extra (jax[cpu])
 def test_jax_lenet5_step_matches_cnncompile(lenet5):
     """One jitted JAX train step from cnncompile's weights has cnncompile's loss, and so has the next
     (after the SGD update with momentum and weight decay), within the float32 bound."""
-    pytest.importorskip("jax")
     from jax_nets import JaxTrainer
     path, want = lenet5
     state, _, _, hyper = worker.load_state(str(path))
     assert_same_losses(peer_losses(JaxTrainer("lenet5", state, hyper), path), want)
 
 
-@pytest.mark.slow  # tinygrad takes about a minute to build LeNet-5's step on two busy cores
+@pytest.mark.bench  # needs the bench extra (tinygrad, and a clang binary); about a minute to build the step
 def test_tinygrad_lenet5_step_matches_cnncompile(lenet5, monkeypatch):
     """The same for tinygrad's TinyJit step on its CPU device."""
-    pytest.importorskip("tinygrad")
     from tinygrad_nets import choose_device
     for var in ("DEV", "CC"):  # choose_device sets them: monkeypatch puts back what was there
         was = os.environ.get(var)
