@@ -86,6 +86,20 @@ NETS = {
 }
 
 
+def every_buffer_matches(ref, got, prog):
+    """Every working buffer written (no poison left) and equal to the reference's: indices exactly,
+    floats within 1e-5 of the tensor's scale."""
+    for tensor, spec in prog.tensors.items():
+        if spec.role in ("param", "state"):
+            continue
+        assert not np.isnan(got[tensor]).any(), f"{tensor} has unwritten elements"
+        if spec.dtype != "float":
+            np.testing.assert_array_equal(got[tensor], ref[tensor], err_msg=tensor)
+        else:
+            scale = max(float(np.abs(ref[tensor]).max()), 1e-6)
+            assert np.abs(got[tensor] - ref[tensor]).max() / scale < 1e-5, tensor
+
+
 def train_alike(models, shape, steps=2):
     """Train a NumPy-backend model and an LLVM one side by side on the same batches, working buffers
     poisoned before each step: equal losses, then equal parameters and optimizer state (1e-4 of
@@ -128,16 +142,7 @@ def test_llvm_matches_numpy_on_every_buffer(name):
     for ex in (model.executable, llvm):
         poison(ex, 5)
         results.append(ex.run("grads", 5, feeds, share=False))
-    ref, got = results
-    for tensor, spec in model.prog.tensors.items():
-        if spec.role in ("param", "state"):
-            continue
-        assert not np.isnan(got[tensor]).any(), f"{tensor} has unwritten elements"
-        if spec.dtype != "float":
-            np.testing.assert_array_equal(got[tensor], ref[tensor], err_msg=tensor)
-        else:
-            scale = max(float(np.abs(ref[tensor]).max()), 1e-6)
-            assert np.abs(got[tensor] - ref[tensor]).max() / scale < 1e-5, tensor
+    every_buffer_matches(*results, model.prog)
 
 
 @pytest.mark.parametrize("name", list(NETS))

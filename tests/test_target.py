@@ -15,7 +15,7 @@ from cnncompile.backends.llvm import target as tg
 from cnncompile.backends.llvm.codegen import ModuleWriter, code_program
 from cnncompile.backends.llvm.program import LLVMExecutable
 from cnncompile.backends.llvm.schedule import Scheduler
-from test_llvm import NETS, poison, train_alike
+from test_llvm import NETS, every_buffer_matches, poison, train_alike
 
 TARGETS = ("avx2", "avx512")
 pytestmark = pytest.mark.filterwarnings("ignore:cnncompile target avx512:RuntimeWarning")  # (split 16-lane code)
@@ -205,18 +205,6 @@ WIDE = {
 }
 CASES = {**{k: NETS[k] for k in ("lenet", "strided", "residual", "downsample", "pooling", "lanes", "pairs",
                                  "parity", "batchnorm")}, **WIDE}
-
-
-def every_buffer_matches(ref, got, prog):
-    for tensor, spec in prog.tensors.items():
-        if spec.role in ("param", "state"):
-            continue
-        assert not np.isnan(got[tensor]).any(), f"{tensor} has unwritten elements"
-        if spec.dtype != "float":
-            np.testing.assert_array_equal(got[tensor], ref[tensor], err_msg=tensor)
-        else:
-            scale = max(float(np.abs(ref[tensor]).max()), 1e-6)
-            assert np.abs(got[tensor] - ref[tensor]).max() / scale < 1e-5, tensor
 
 
 def case_params():
