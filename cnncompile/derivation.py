@@ -24,7 +24,7 @@ class Derivation:
         self.net, self.tracer, self.heads, self.input_shape = net, tracer, heads, tuple(input_shape)
         self.targets, self.loss_name, self.loss, self.optimizer = targets, loss_name, loss, optimizer
         self.backend, self.dtype = backend, np.dtype(dtype)
-        self._prog = None
+        self._prog = self._formulas = None
 
     @property
     def prog(self):
@@ -32,10 +32,20 @@ class Derivation:
             self._prog = self.derive()
         return self._prog
 
-    def derive(self):
+    @property
+    def formulas(self):
+        """What `explain` prints: the program without the optimizer's update stages (the running
+        statistics of batch norm, which it prints, come from the lowering); the whole program
+        where one is at hand already."""
+        if self._prog is None and self._formulas is None:
+            self._formulas = self.derive(optimizer=None)
+        return self._prog if self._prog is not None else self._formulas
+
+    def derive(self, optimizer="same"):
         from .compiler import build_program
         outputs = [t.name for _, t in self.heads]
-        return build_program(self.tracer, outputs, self.targets, self.loss_name, self.loss, self.optimizer)
+        optimizer = self.optimizer if optimizer == "same" else optimizer
+        return build_program(self.tracer, outputs, self.targets, self.loss_name, self.loss, optimizer)
 
     def layer_program(self, layer: str):
         """The program with only ``layer``'s backward stages derived (what `explain` of one layer

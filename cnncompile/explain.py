@@ -662,6 +662,8 @@ def explain(model, layer=None, latex: bool = False, notation: str = "code") -> s
     if layer is not None and hasattr(model, "layer_program"):  # (a derivation: only this layer's gradients)
         find_node(model, layer)
         prog = model.layer_program(layer)
+    elif hasattr(model, "formulas"):  # (a derivation: no optimizer stages, which explain never prints)
+        prog = model.formulas
     if latex:
         return latex_document(model, layers, notation, prog)
     return "\n\n".join(layer_text(model, name, notation, prog) for name in layers)
