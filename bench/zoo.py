@@ -23,6 +23,7 @@ shows so in its row.
                                    # libLLVM >= 16 for its LLVM renderer)
     python bench/zoo.py [--nets lenet5 resnet20] [--rounds 5] [--steps 5] [--pause 0.05]
                         [--frameworks cnncompile eager torch.compile jax tinygrad]
+    python bench/zoo.py --nets resnet20 --frameworks eager cnncompile@avx512   # both vector widths
     python bench/zoo.py --nets lenet5 --frameworks eager tinygrad@CPU:CLANG tinygrad@CPU:LLVM tinygrad@CPU:X86
 """
 from __future__ import annotations
@@ -150,10 +151,13 @@ def report(name, workers, ceiling, note) -> None:
         ratio = f"×{speed[w.framework] / eager:.2f}" if eager else "-"
         print(f"  {w.framework:22s} {speed[w.framework]:10,.0f} {ratio:>9s} {r['compile_s']:10.1f}  "
               f"{w.rss:6,.0f} MiB  {r['info'].get('version', '')} (compile: {r['compile_what']})")
-    info = workers[0].ready["info"]
-    gflops = info["train_flop"] * speed["cnncompile"] / batch / 1e9
-    share = f" = {100 * gflops / ceiling:.1f}% of the sgemm ceiling" if ceiling else ""
-    print(f"  cnncompile ({info['backend']} backend): {gflops:.1f} GFLOP/s{share}; {info['memory']}", flush=True)
+    for w in ran:
+        if w.framework.split("@")[0] == "cnncompile":  # (the reference, and any cnncompile@TARGET)
+            info = w.ready["info"]
+            gflops = info["train_flop"] * speed[w.framework] / batch / 1e9
+            share = f" = {100 * gflops / ceiling:.1f}% of the sgemm ceiling" if ceiling else ""
+            print(f"  {w.framework} ({info['backend']} backend): {gflops:.1f} GFLOP/s{share}; {info['memory']}",
+                  flush=True)
 
 
 def bench_net(name, args, ceiling, logs: Path) -> None:
@@ -185,7 +189,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
     parser.add_argument("--frameworks", nargs="+", default=FRAMEWORKS,
-                        help="cnncompile always runs (the reference); tinygrad@DEV picks tinygrad's device")
+                        help="cnncompile always runs (the reference, for the default target); cnncompile@TARGET "
+                             "adds the same network compiled for TARGET (avx2, avx512); tinygrad@DEV picks "
+                             "tinygrad's device")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--pause", type=float, default=0.0, help="seconds between two frameworks' rounds")

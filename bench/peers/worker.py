@@ -4,7 +4,7 @@ several frameworks in one process starve each other), driven over stdin/stdout b
     python bench/peers/worker.py FRAMEWORK NET STATE.npz [--check-steps 2]
 
 FRAMEWORK: cnncompile (compiles the example, writes STATE.npz: its initial state_dict, the batch and
-its SGD hyper-parameters), or eager, torch.compile, jax, tinygrad, tinygrad@DEV (read STATE.npz).
+its SGD hyper-parameters), or cnncompile@TARGET, eager, torch.compile, jax, tinygrad, tinygrad@DEV (read STATE.npz).
 
 Protocol, one JSON object a line: the worker first answers
 ``{"ok": true, "losses": [...], "compile_s": s, "info": ...}`` (the losses of its first
@@ -45,17 +45,24 @@ def peak_rss_mib() -> float:
 class CnncompileTrainer:
     """The example compiled by cnncompile; writes the shared state for the other frameworks."""
 
-    def __init__(self, name: str, state_path: str, batch: int):
+    def __init__(self, name: str, state_path: str, batch: int, target: str | None = None):
+        """``target`` None: the reference, which writes the shared state; a name (``cnncompile@avx512``):
+        the same network compiled for that `Target`, loading the reference's state and batch."""
         import runpy
 
         import cnncompile as cc
         from flops import train_flops
         spec = runpy.run_path(str(HERE.parent.parent / "examples" / f"{name}.py"))
         started = time.perf_counter()
-        self.model = cc.compile(spec["net"], spec["input_shape"], loss=spec["loss"], optimizer=spec["optimizer"])
+        self.model = cc.compile(spec["net"], spec["input_shape"], loss=spec["loss"], optimizer=spec["optimizer"],
+                                target=target)
         self.compile_s = time.perf_counter() - started
-        x, y = draw_batch(self.model, spec["input_shape"], batch)
-        export_state(state_path, self.model, x, y)
+        if target is None:
+            x, y = draw_batch(self.model, spec["input_shape"], batch)
+            export_state(state_path, self.model, x, y)
+        else:
+            state, x, y, _ = load_state(state_path)
+            self.model.load_state_dict(state)
         self.set_batch(x, y)
         r = self.model.memory_report(batch)
         dropout = [n for n, m in spec["net"].named_modules() if type(m).__name__.startswith("Dropout") and m.p]
@@ -103,9 +110,10 @@ def load_state(path: str):
 def build(framework: str, net: str, state_path: str, batch: int):
     """The trainer and what its compile time means; ImportError where the framework is missing.
     ``tinygrad@DEV``: tinygrad on device DEV (``CPU:CLANG``, ``CPU:LLVM``, ``CPU:X86``)."""
-    if framework == "cnncompile":
-        trainer = CnncompileTrainer(net, state_path, batch)
-        trainer.info["version"] = version("cnncompile")
+    if framework.split("@")[0] == "cnncompile":
+        target = framework.partition("@")[2] or None
+        trainer = CnncompileTrainer(net, state_path, batch, target)
+        trainer.info["version"] = version("cnncompile") + f" for {trainer.model.executable.target.name}"
         return trainer, "cc.compile"
     state, x, y, hyper = load_state(state_path)
     if framework in ("eager", "torch.compile"):
@@ -166,7 +174,7 @@ def timed(trainer, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("framework", help=f"one of {FRAMEWORKS}, or tinygrad@DEV")
+    parser.add_argument("framework", help=f"one of {FRAMEWORKS}, or cnncompile@TARGET, tinygrad@DEV")
     parser.add_argument("net")
     parser.add_argument("state")
     parser.add_argument("--batch", type=int, default=32, help="cnncompile: the batch it draws and writes")
