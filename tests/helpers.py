@@ -5,6 +5,10 @@ import numpy as np
 
 import cnncompile as cc
 
+# The target the schedule-structure tests describe (8-lane rows, 16 registers): their expected
+# templates, blocks and pairs are those of 256-bit code, whatever this host would choose.
+SCHEDULE_TARGET = "avx2"
+
 
 def finite_difference_grads(model, x, y, eps=1e-6, draw=0):
     """Central differences of the loss for every parameter element (float64 models only); every

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import cnncompile as cc
+from helpers import SCHEDULE_TARGET
 from cnncompile import nn
 from cnncompile.backends.llvm.codegen import code_program
 from cnncompile.backends.llvm.program import LLVMExecutable
@@ -17,8 +18,8 @@ from cnncompile.backends.llvm.schedule import Scheduler
 
 def kinds(prog, out):
     """The templates the schedule gives the stage writing ``out``."""
-    [stage] = [s for s in code_program(prog, "float").all_stages() if s.out == out]
-    return {t.kind for terms in Scheduler(code_program(prog, "float")).single(stage).templates for t in terms}
+    [stage] = [s for s in code_program(prog, "float", SCHEDULE_TARGET).all_stages() if s.out == out]
+    return {t.kind for terms in Scheduler(code_program(prog, "float", SCHEDULE_TARGET), target=SCHEDULE_TARGET).single(stage).templates for t in terms}
 
 
 def test_out_of_bounds_store_of_a_vector_row_is_caught(monkeypatch):

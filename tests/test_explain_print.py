@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import cnncompile as cc
+from helpers import SCHEDULE_TARGET
 from cnncompile import cli, nn
 from cnncompile.backends.llvm import program as llvm_program
 from cnncompile.backends.numpy import program as numpy_program
@@ -178,7 +179,7 @@ def test_schedule_lists_every_kernel_with_its_fused_stages_and_loops():
     from cnncompile.backends.llvm.schedule import Scheduler
     d = small()
     text = d.schedule("train")
-    plan = Scheduler(code_program(d.prog, "float")).kernels("train")
+    plan = Scheduler(code_program(d.prog, "float", SCHEDULE_TARGET), target=SCHEDULE_TARGET).kernels("train")
     assert text.startswith(f"phase train: {sum(len(k.stages) for k in plan)} stages in {len(plan)} kernels")
     for k, kernel in enumerate(plan):
         assert f"kernel {k}: {stage_label(kernel.main)}" in text

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import cnncompile as cc
+from helpers import SCHEDULE_TARGET
 from cnncompile import nn
 from cnncompile.backends.llvm import jit
 from cnncompile.backends.llvm.program import LLVMExecutable
@@ -211,14 +212,14 @@ def test_schedule_fuses_elementwise_stages_and_updates_into_their_producers():
     build, shape = NETS["lenet"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy",
                        optimizer=cc.optim.SGD(lr=0.1, momentum=0.9))
-    plan = {k.main.out: [s.out for s in k.stages[1:]] for k in Scheduler(model.prog).kernels("train")}
+    plan = {k.main.out: [s.out for s in k.stages[1:]] for k in Scheduler(model.prog, target=SCHEDULE_TARGET).kernels("train")}
     assert plan["0.out.conv"] == ["0.out", "1.out"]  # bias and ReLU in the convolution's epilogue
     assert plan["dL/d0.weight"] == ["0.weight.momentum_buffer", "0.weight"]  # the update in the gradient's
     # a dense weight gradient (plain loops n, b, k: the row k inside the sum) hosts its update too,
     # in a loop over the row once the sum over b is closed
     assert plan["dL/d7.weight"] == ["7.weight.momentum_buffer", "7.weight"]
     assert len(plan) < len(model.prog.phase_stages("train"))
-    grads = {k.main.out: [s.out for s in k.stages[1:]] for k in Scheduler(model.prog).kernels("grads")}
+    grads = {k.main.out: [s.out for s in k.stages[1:]] for k in Scheduler(model.prog, target=SCHEDULE_TARGET).kernels("grads")}
     assert grads["dL/d0.weight"] == []  # no update where gradients are only handed out
 
 
@@ -230,7 +231,7 @@ def test_max_pool_gradients_run_as_interleaved_vector_rows():
                                   ("pooling", "dL/d0.out", (4, ("v_q", 17))), ("pooling", "dL/d2.out", None)):
         build, shape = NETS[name]
         model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
-        scheduler = Scheduler(model.prog)
+        scheduler = Scheduler(model.prog, target=SCHEDULE_TARGET)
         [kernel] = [scheduler.single(s) for s in model.prog.backward if s.out == stage and "argmax" in str(s.body)]
         merged = [(len(group), pairs[:2] if pairs else None) for group, pairs in kernel.class_groups if len(group) > 1]
         assert merged == ([expected] if expected else []), (name, stage)
@@ -242,7 +243,7 @@ def test_dense_layers_jam_a_block_of_outputs_around_the_long_loop():
     from cnncompile.backends.llvm.schedule import Scheduler
     net = nn.Sequential(nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
     model = cc.compile(net, input_shape=(400,), loss=nn.CrossEntropyLoss(), backend="numpy")
-    scheduler = Scheduler(model.prog)
+    scheduler = Scheduler(model.prog, target=SCHEDULE_TARGET)
     blocks = {s.out: scheduler.single(s).templates[0][0].block for s in model.prog.all_stages()
               if s.out.endswith(".mm") or s.out.endswith("weight")}
     assert blocks["1.out.mm"] == ("n", 8, 120) and blocks["3.out.mm"] == ("n", 4, 84)
@@ -258,7 +259,7 @@ def test_filter_gradients_of_wide_maps_block_output_channels():
     from cnncompile.backends.llvm.schedule import Scheduler
     net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 32 * 32, 2))
     model = cc.compile(net, input_shape=(16, 32, 32), loss=nn.CrossEntropyLoss(), backend="numpy")
-    [tpl] = [Scheduler(model.prog).single(s).templates[0][0] for s in model.prog.backward if s.out == "dL/d0.weight"]
+    [tpl] = [Scheduler(model.prog, target=SCHEDULE_TARGET).single(s).templates[0][0] for s in model.prog.backward if s.out == "dL/d0.weight"]
     assert (tpl.kind, tpl.extent, tpl.tile, tpl.block) == ("tiled_reduction_row", 32, ("j", 3), ("n", 4, 16))
 
 
@@ -269,14 +270,14 @@ def test_one_vector_rows_pair_examples():
     from cnncompile.backends.llvm.schedule import Scheduler
     build, shape = NETS["pairs"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
-    scheduler = Scheduler(model.prog)
+    scheduler = Scheduler(model.prog, target=SCHEDULE_TARGET)
     tiles = {s.out: (t.tile, t.pair) for s in model.prog.all_stages()
              for t in [scheduler.single(s).templates[0][0]] if t.kind == "tiled_row"}
     assert tiles["2.out.conv"] == (("n", 4, 16), "b")
     assert tiles["dL/d1.out"] == (("m", 4, 16), "b")
     build, shape = NETS["batchnorm"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
-    scheduler = Scheduler(model.prog)
+    scheduler = Scheduler(model.prog, target=SCHEDULE_TARGET)
     assert all(t.pair is None for s in model.prog.all_stages() for t in scheduler.single(s).templates[0])
 
 
@@ -287,7 +288,7 @@ def test_stride_2_reads_come_from_even_odd_copies():
     from cnncompile.backends.llvm.codegen import code_program
     build, shape = NETS["parity"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
-    code = code_program(model.prog, "float")
+    code = code_program(model.prog, "float", SCHEDULE_TARGET)
     forward = [s.out for s in code.forward]
     assert forward.index("1.out.parity") == forward.index("1.out") + 1
     assert forward.index("3.out.parity") == forward.index("3.out") + 1
@@ -306,7 +307,7 @@ def test_batch_norm_runs_as_vector_rows():
     build, shape = NETS["batchnorm"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy",
                        optimizer=cc.optim.SGD(lr=0.1))
-    scheduler = Scheduler(model.prog)
+    scheduler = Scheduler(model.prog, target=SCHEDULE_TARGET)
     kinds = {}
     for _, _, s in model.prog.phase_stages("train"):
         kinds.setdefault((s.out, s.note), scheduler.single(s).templates[0][0].kind)
@@ -325,7 +326,7 @@ def test_batch_norm_backward_sums_share_one_loop_nest():
     build, shape = NETS["batchnorm"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy",
                        optimizer=cc.optim.SGD(lr=0.1, momentum=0.9))
-    kernels = Scheduler(model.prog).kernels("train")
+    kernels = Scheduler(model.prog, target=SCHEDULE_TARGET).kernels("train")
     [group] = [[(m.main.out, [s.out for s, _ in m.epilogue]) for m in k.members] for k in kernels
                if k.main.out == "dL/d1.bias"]
     assert group == [("dL/d1.bias", ["1.bias.momentum_buffer", "1.bias"]), ("dL/d1.out.mean", []),
@@ -363,7 +364,7 @@ def test_max_pools_run_as_vector_rows_where_a_row_fills_a_vector():
     from cnncompile.backends.llvm.schedule import Scheduler
     build, shape = NETS["lenet"]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy")
-    scheduler = Scheduler(model.prog)
+    scheduler = Scheduler(model.prog, target=SCHEDULE_TARGET)
     kinds = {s.out: scheduler.single(s).templates[0][0].kind for s in model.prog.forward if s.argmax}
     assert kinds == {"2.out": "max_row", "5.out": "scalar"}  # pooled rows of 14 and 5
 
@@ -378,7 +379,7 @@ def test_short_rows_run_output_channels_as_vector_lanes():
     model = cc.compile(runpy.run_path(str(EXAMPLES / "lenet5.py"))["net"], input_shape=(1, 32, 32),
                        loss=nn.CrossEntropyLoss(), backend="numpy")
     packed = pack_lanes(model.prog, 8)
-    scheduler = Scheduler(packed)
+    scheduler = Scheduler(packed, target=SCHEDULE_TARGET)
     lanes = {s.out: (s.lanes, scheduler.single(s).templates[0][0]) for s in packed.all_stages() if s.lanes}
     assert {k: (u, t.row, t.extent, t.tile, t.scatter) for k, (u, t) in lanes.items()} == {
         "3.out.conv": ("n", "n", 16, ("y", 5, 10), True), "dL/d3.weight": ("n", "n", 16, ("j", 5, 5), True)}
