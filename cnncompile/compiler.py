@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 
-from cnncompile.ir.autodiff import derive
 from cnncompile.ir.errors import CompileError
 from cnncompile.nn.loss import Loss
 from cnncompile.nn.module import Module, TracedTensor
@@ -147,6 +146,8 @@ def compile(net: Module, input_shape, loss=None, optimizer=None, backend: str | 
 
 def build_program(tracer, outputs, targets, loss_name, loss, optimizer, grad_inputs=()):
     """Graph IR → forward stages → derived backward stages (both modes where they differ) → update stages."""
+    from cnncompile.ir.autodiff import derive  # (sympy: a warm start never derives)
+
     prog = tracer.graph.lower(outputs, loss_name)
     prog.labels, prog.grad_inputs = targets, list(grad_inputs)
     if loss is not None:

@@ -40,7 +40,7 @@ import traceback
 
 import numpy as np
 
-from cnncompile.ir.autodiff import grad_name
+from cnncompile.ir.expr import grad_name
 from cnncompile.ir.buffers import update_reads
 from cnncompile.ir.errors import CompileError
 from cnncompile.ir.ops.norm import counter_scalars

@@ -10,7 +10,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from cnncompile.ir.autodiff import grad_name
+from cnncompile.ir.expr import grad_name
 from cnncompile.ir.errors import CompileError
 from cnncompile.ir.ops.norm import counter_scalars, tracked_calls
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 
-import sympy
+from cnncompile.ir.lazy import sympy
 
 from cnncompile.ir.affine import Affine
-from cnncompile.ir.autodiff import grad_name
+from cnncompile.ir.expr import grad_name
 from cnncompile.ir.expr import Program, Stage, TensorSpec, read
 from cnncompile.ir.ops.base import elementwise_domain
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import diskcache
 
-FORMAT = "program-2"
+FORMAT = "program-3"
 _source_hash: str | None = None
 
 
@@ -49,15 +49,29 @@ def describe_graph(graph) -> list:
 
 def library_versions() -> list[str]:
     """Python's, sympy's, NumPy's and llvmlite's versions: entries pickle sympy and NumPy objects,
-    and the generated code depends on llvmlite's LLVM (absent: the NumPy backend runs)."""
+    and the generated code depends on llvmlite's LLVM (absent: the NumPy backend runs). sympy's
+    is read from its source, not imported (a warm start never imports it)."""
     import numpy
-    import sympy
     try:
         import llvmlite
         llvm_version = llvmlite.__version__
     except ImportError:
         llvm_version = "none"
-    return [sys.version, sympy.__version__, numpy.__version__, llvm_version]
+    return [sys.version, sympy_version(), numpy.__version__, llvm_version]
+
+
+def sympy_version() -> str:
+    """``sympy.__version__`` without importing sympy (its ``release.py`` holds it)."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("sympy")
+    try:
+        text = Path(spec.submodule_search_locations[0], "release.py").read_text()
+        return re.search(r"""__version__\s*=\s*['"]([^'"]+)['"]""", text).group(1)
+    except (AttributeError, OSError, TypeError, IndexError):  # laid out otherwise: ask sympy itself
+        import sympy
+        return sympy.__version__
 
 
 def key(graph, outputs, loss_name, optimizer, backend, dtype, codegen_options=()) -> str:

@@ -12,7 +12,7 @@ from functools import lru_cache
 from fractions import Fraction
 from math import ceil, floor, gcd
 
-import sympy
+from cnncompile.ir.lazy import sympy
 
 
 @dataclass(frozen=True)

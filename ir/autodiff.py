@@ -28,13 +28,9 @@ import sympy
 from .affine import Affine, Box, Divides, extended_gcd
 from .errors import CompileError
 from .canonical import fingerprint, index_fingerprint, out_read as indexed_out, read_text, relabel, tensor_names
-from .expr import Program, Stage, TensorSpec, read, tensor_of, var
+from .expr import Program, Stage, TensorSpec, grad_name, read, tensor_of, var  # noqa: F401 (grad_name re-exported)
 
 FRESH = ("u", "v", "w", "p", "q", "r", "s")
-
-
-def grad_name(tensor: str) -> str:
-    return f"dL/d{tensor}"
 
 
 def requires_grad(stages: list[Stage], sources: set[str]) -> set[str]:

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .expr import BATCH, PHASES, Program
-from .loops import stage_tensors
+from .expr import BATCH, PHASES, Program, grad_name
 
 ALIGN = 64
 PERSISTENT = ("param", "buffer", "state")
@@ -57,8 +56,6 @@ def results(prog: Program, phase: str) -> set[str]:
     """Tensors read from outside after ``phase``: outputs and losses; parameter gradients after
     the phases that hand them out (in ``train`` the update consumes them inside the phase), and
     after ``grads`` the batch statistics an ``update`` phase reads."""
-    from .autodiff import grad_name
-
     names = {n for n, s in prog.tensors.items() if s.role == "loss"} | set(prog.outputs)
     if phase.startswith("grads"):
         names |= {grad_name(p) for p in prog.params + prog.grad_inputs}
@@ -72,6 +69,8 @@ def lifetimes(prog: Program, steps: dict | None = None) -> dict[str, list[tuple[
     after the other. ``steps[phase][position]`` numbers a phase's stages by barrier-separated
     step (fused stages share one, so memory freed inside a fused group is not reused before the
     group's barrier); by default every stage is its own step."""
+    from .loops import stage_tensors  # (it reads the formulas: sympy)
+
     spans: dict[str, list[tuple[int, int]]] = {}
     base = 0
     for phase in PHASES:
@@ -114,10 +113,12 @@ def nbytes(spec, batch: int, float_bytes: int) -> int:
 
 
 def plan_buffers(prog: Program, batch: int, float_bytes: int = 4, steps: dict | None = None,
-                 share: bool = True) -> BufferPlan:
+                 share: bool = True, spans: dict | None = None) -> BufferPlan:
     """First-fit placement, largest tensors first: each goes at the lowest aligned offset that
-    does not overlap a placed tensor whose lifetime overlaps its own."""
-    spans = lifetimes(prog, steps)
+    does not overlap a placed tensor whose lifetime overlaps its own. ``spans``: the program's
+    `lifetimes`, where known already (they do not depend on the batch; computing them reads
+    every stage)."""
+    spans = lifetimes(prog, steps) if spans is None else spans
     always = [(-1, 10 ** 9)]
     working = [n for n, s in prog.tensors.items() if s.role not in PERSISTENT]
     sizes = {n: nbytes(prog.tensors[n], batch, float_bytes) for n in working}

@@ -8,13 +8,72 @@ produced. Backends and `explain()` read the same objects: there is one source of
 """
 from __future__ import annotations
 
+import pickle
+import threading
 from dataclasses import dataclass, field, replace
 
-import sympy
-
 from .affine import Affine, Box, Divides
+from .lazy import sympy
 
-BATCH = sympy.Symbol("B", integer=True, positive=True)
+
+class BatchAxis:
+    """The batch axis of a shape, whose size is known only when a batch arrives. Plain Python,
+    so that shapes (and a stored program's runtime) need no sympy; inside a formula it is the
+    positive integer symbol ``B`` (sympy converts it through ``_sympy_``, and arithmetic on it
+    gives that symbol's expressions). One object: shapes compare it with ``is BATCH``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "B"
+
+    def __reduce__(self):
+        return "BATCH"  # pickled as a reference to this module's one object
+
+    def _sympy_(self):
+        return batch_symbol()
+
+    def __add__(self, other):
+        return batch_symbol() + other
+
+    def __radd__(self, other):
+        return other + batch_symbol()
+
+    def __sub__(self, other):
+        return batch_symbol() - other
+
+    def __rsub__(self, other):
+        return other - batch_symbol()
+
+    def __mul__(self, other):
+        return batch_symbol() * other
+
+    def __rmul__(self, other):
+        return other * batch_symbol()
+
+    def __truediv__(self, other):
+        return batch_symbol() / other
+
+    def __rtruediv__(self, other):
+        return other / batch_symbol()
+
+
+BATCH = BatchAxis()
+
+
+def batch_symbol():
+    """``B`` in formulas (sympy caches symbols: every call gives an equal one)."""
+    return sympy.Symbol("B", integer=True, positive=True)
+
+
+def concrete_shape(shape, batch: int) -> tuple:
+    """``shape`` with the batch axis replaced by ``batch``."""
+    return tuple(batch if d is BATCH else d for d in shape)
+
+
+def grad_name(tensor: str) -> str:
+    """The name of the loss's gradient with respect to ``tensor``."""
+    return f"dL/d{tensor}"
 
 
 def var(name: str) -> sympy.Symbol:
@@ -27,22 +86,13 @@ def read(tensor: str, *index) -> sympy.Indexed:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A buffer the program reads or writes. ``shape[0]`` may be the batch symbol ``B``."""
+    """A buffer the program reads or writes. ``shape[0]`` may be the batch axis ``BATCH``."""
 
     name: str
     shape: tuple
     role: str  # input | label | param | buffer | activation | grad | state | argmax | loss
     dtype: str = "float"  # float | int (labels: int64) | index (window positions: int32)
 
-    def __reduce__(self):
-        """Pickled with the batch axis as a marker, so that a loaded spec holds the one ``BATCH``
-        object (shapes are compared with ``is BATCH``, and sympy's symbol cache may have let the
-        original go)."""
-        return (_tensor_spec, (self.name, tuple("B" if d is BATCH else d for d in self.shape), self.role, self.dtype))
-
-
-def _tensor_spec(name, shape, role, dtype):
-    return TensorSpec(name, tuple(BATCH if d == "B" else d for d in shape), role, dtype)
 
 
 @dataclass(frozen=True)
@@ -126,6 +176,11 @@ def var_bounds(stage: Stage) -> dict[str, tuple[list, list]]:
                      lambda ext: Affine.constant(ext - 1) if isinstance(ext, int) else ext - 1)
 
 
+STAGE_PARTS = ("forward", "loss", "backward", "update")
+STAGES_BLOB = "_stages_pickled"
+_stages_lock = threading.Lock()
+
+
 @dataclass
 class Program:
     """Every stage of a compiled network, in execution order, and every buffer they touch."""
@@ -146,6 +201,28 @@ class Program:
     loss_name: str = ""
     scalars: dict[str, float] = field(default_factory=dict)  # runtime symbols: lr, step...
     cuts: list[str] = field(default_factory=list)  # grads also runs in segments, cut after each of these is written
+
+    def __getstate__(self):
+        """Pickled with its stages as one nested pickle, unpickled when first read: a stored
+        program's runtime (tensors, names, phases) loads without sympy (a warm start)."""
+        state = dict(self.__dict__)
+        if STAGES_BLOB not in state:
+            state[STAGES_BLOB] = pickle.dumps({p: state.pop(p) for p in STAGE_PARTS}, pickle.HIGHEST_PROTOCOL)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __getattr__(self, name):
+        """(Only for attributes not set:) the stage lists of a loaded program, on first read."""
+        if name in STAGE_PARTS:
+            with _stages_lock:
+                if name not in self.__dict__ and STAGES_BLOB in self.__dict__:
+                    self.__dict__.update(pickle.loads(self.__dict__[STAGES_BLOB]))
+                    del self.__dict__[STAGES_BLOB]
+                if name in self.__dict__:
+                    return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def add_tensor(self, spec: TensorSpec) -> None:
         self.tensors[spec.name] = spec

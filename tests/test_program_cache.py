@@ -26,7 +26,9 @@ COMPILE_AND_TRAIN = textwrap.dedent("""
                    optimizer=cc.optim.SGD(lr=float(sys.argv[3]), momentum=0.9), seed=4)
     rng = np.random.default_rng(0)
     losses = [m.train_step(rng.standard_normal((9, 1, 16, 16)), rng.integers(0, 10, 9)) for _ in range(3)]
-    np.savez(sys.argv[1], warm=m.warm_start, losses=losses, **m.state_dict())
+    sympy_imported = "sympy" in sys.modules  # (a warm start runs the stored program without it)
+    np.savez(sys.argv[1], warm=m.warm_start, sympy=sympy_imported, losses=losses, explained=m.explain(),
+             **m.state_dict())
 """)
 
 
@@ -40,7 +42,7 @@ def run(tmp_path, tag: str, mode: str = "", lr: float = 0.1, **env):
 def assert_same_training(a, b):
     assert set(a.files) == set(b.files)
     for key in a.files:
-        if key != "warm":
+        if key not in ("warm", "sympy"):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
@@ -50,7 +52,23 @@ def test_warm_start_derives_nothing_and_trains_identically(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.program"))) == 1
     warm = run(tmp_path, "warm", "forbid-derivation")
     assert warm["warm"]
-    assert_same_training(cold, warm)
+    assert_same_training(cold, warm)  # the explained formulas too: loaded on first use
+
+
+def test_a_warm_start_imports_no_sympy_until_the_formulas_are_read(tmp_path):
+    """Import, compile from the stored program and train: sympy (half a second to import) is not
+    loaded; the stored formulas load, with sympy, only when something reads them (explain)."""
+    cold = run(tmp_path, "cold")
+    warm = run(tmp_path, "warm")
+    assert cold["sympy"] and not cold["warm"]
+    assert warm["warm"] and not warm["sympy"]
+    assert "sympy" not in subprocess.run([sys.executable, "-c", "import sys, cnncompile; print(list(sys.modules))"],
+                                         check=True, capture_output=True, text=True).stdout
+
+
+def test_the_sympy_version_is_read_without_importing_sympy():
+    import sympy
+    assert program_cache.sympy_version() == sympy.__version__
 
 
 def small_net(width: int):
@@ -102,6 +120,8 @@ def test_the_key_changes_with_each_library_version(monkeypatch, module):
     base = key(cc.optim.SGD(lr=0.1))
     if module == "python":
         monkeypatch.setattr(sys, "version", sys.version + " (another build)")
+    elif module == "sympy":  # (read from its source: a warm start does not import it)
+        monkeypatch.setattr(program_cache, "sympy_version", lambda: "0.0.0-another")
     else:
         monkeypatch.setattr(importlib.import_module(module), "__version__", "0.0.0-another")
     assert key(cc.optim.SGD(lr=0.1)) != base
@@ -133,8 +153,8 @@ def test_an_entry_under_another_networks_key_is_a_miss_and_is_replaced(tmp_path,
 
 
 def test_a_loaded_program_keeps_the_one_batch_symbol():
-    """Shapes compare their batch axis by identity; sympy's symbol cache may have dropped the
-    original object by the time an entry is loaded (this failed the suite once)."""
+    """Shapes compare their batch axis by identity: a loaded program's is the one `BATCH`, whatever
+    sympy's symbol cache has kept meanwhile."""
     import pickle
 
     import sympy

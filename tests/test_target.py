@@ -50,8 +50,9 @@ def test_detection_rule_keeps_256_bits_where_512_does_not_pay():
     assert tg.detected_name("znver4", with_512, True) == "avx2"  # double-pumped
     assert tg.detected_name("tigerlake", with_512, True) == "avx2"  # one 512-bit FMA unit
     assert tg.detected_name("znver3", {"avx2": True, "fma": True}, True) == "avx2"
-    # until the 16-lane templates are timed on such a host, detection keeps 256 bits everywhere
-    assert not tg.WIDE_BY_DEFAULT and tg.detected_name("sapphirerapids", with_512) == "avx2"
+    # the default rule (timed: 16 lanes pay on Sapphire Rapids); off, 256 bits everywhere
+    assert tg.WIDE_BY_DEFAULT and tg.detected_name("sapphirerapids", with_512) == "avx512"
+    assert tg.detected_name("sapphirerapids", with_512, False) == "avx2"
 
 
 def test_avx512_without_avx512_keeps_16_lanes_and_the_hosts_features():

@@ -14,8 +14,8 @@ from .names import function_name, kernel_label, symbol_part
 from .nests import Nests
 from .schedule import Kernel, Scheduler
 from .target import Target, resolve
+from .phases import UNITS_PHASE
 
-UNITS_PHASE = "train"  # the phase whose kernels can also be run one at a time
 
 
 class ModuleWriter(Nests):

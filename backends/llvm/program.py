@@ -18,11 +18,11 @@ from collections import OrderedDict
 
 import numpy as np
 
-from cnncompile.ir.buffers import PERSISTENT, array_dtype, plan_buffers
-from cnncompile.ir.expr import BATCH, Program
+from cnncompile.ir.buffers import PERSISTENT, array_dtype, lifetimes, plan_buffers
+from cnncompile.ir.expr import Program, concrete_shape
 from cnncompile.backends.env import Env
-from .codegen import UNITS_PHASE, ModuleWriter, code_program
 from .jit import Compiled, compile_workers, fingerprint
+from .phases import UNITS_PHASE
 from .target import Target, resolve
 from .workers import pool
 
@@ -77,18 +77,20 @@ class LLVMExecutable:
         self.target = resolve(target)
         self.choices = dict(choices or {})  # (what model.schedule() shows)
         self.checked = os.environ.get("CNNCOMPILE_CHECK") == "1"
-        if manifest is None:
+        if manifest is None:  # (a stored manifest needs none of the code generator, nor sympy)
+            from .codegen import ModuleWriter, code_program
             ftype = "float" if self.dtype == np.float32 else "double"
             code_prog = code_program(prog, ftype, self.target)
             writer = ModuleWriter(code_prog, ftype, PLACEHOLDER, checked=self.checked, target=self.target,
                                   choices=choices)
             manifest = {"texts": writer.modules(compile_workers()), "scalar_names": writer.scalar_names,
                         "steps": writer.steps, "units": writer.units, "program": code_prog,
-                        "elided": writer.elided_tensors}
+                        "elided": writer.elided_tensors, "spans": lifetimes(code_prog, writer.steps)}
         self._manifest = manifest
         self.prog = manifest["program"]  # the program the code was written from (with packed layouts)
         texts = manifest["texts"]
         self.scalar_names, self.steps, self.unit_stages = manifest["scalar_names"], manifest["steps"], manifest["units"]
+        self.spans = manifest["spans"]  # every tensor's lifetime (`ir.buffers.lifetimes`), batch-independent
         self.elided = set(manifest["elided"])  # train-phase values kept in registers only (never stored)
         prefix = "cc_" + fingerprint("\n".join(texts), self.target)[:16]
         parts = [t.replace(PLACEHOLDER, prefix) for t in texts]
@@ -123,13 +125,13 @@ class LLVMExecutable:
         return self._manifest
 
     def allocate(self, spec, batch: int) -> np.ndarray:
-        shape = tuple(batch if d is BATCH else d for d in spec.shape)
+        shape = concrete_shape(spec.shape, batch)
         return aligned_zeros(shape, array_dtype(spec, self.dtype))
 
     def plan(self, batch: int, share: bool = True):
         """The buffer plan, with lifetimes counted in kernels (fused stages run, and so hold
         their memory, together and where their kernel runs)."""
-        return plan_buffers(self.prog, batch, self.dtype.itemsize, steps=self.steps, share=share)
+        return plan_buffers(self.prog, batch, self.dtype.itemsize, share=share, spans=self.spans)
 
     def bind(self, batch: int, share: bool = True):
         """Buffers for one batch size: views laid out by the batch's buffer plan in the arena of
@@ -153,7 +155,7 @@ class LLVMExecutable:
                     env[name] = self.state[name]
                     continue
                 at = plan.placements[name]
-                shape = tuple(batch if d is BATCH else d for d in spec.shape)
+                shape = concrete_shape(spec.shape, batch)
                 dtype = array_dtype(spec, self.dtype)
                 env[name] = arena[at.offset:at.offset + at.nbytes].view(dtype).reshape(shape)
             pointers = (ctypes.c_void_p * len(env))(*(env[n].ctypes.data for n in self.prog.tensors))

@@ -12,7 +12,7 @@ import sympy
 
 from cnncompile.ir.affine import Affine, Box
 from cnncompile.ir.errors import CompileError
-from cnncompile.ir.expr import Stage, tensor_of
+from cnncompile.ir.expr import BATCH, Stage, tensor_of
 from cnncompile.ir.residue import ClassGeometry, residue_classes, substitute
 
 
@@ -40,6 +40,8 @@ class ClassPlan:
 
 
 def resolve(ext, sizes):
+    if ext is BATCH:
+        return sizes[BATCH]
     return int(ext.subs(sizes)) if isinstance(ext, sympy.Basic) else ext
 
 

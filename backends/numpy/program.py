@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from cnncompile.ir.expr import BATCH, Program
+from cnncompile.ir.expr import BATCH, Program, concrete_shape
 from cnncompile.backends.env import Env
 from .run import StageRunner
 
@@ -55,7 +55,7 @@ class NumpyExecutable:
         return plan_buffers(self.prog, batch, self.dtype.itemsize, share=False)
 
     def allocate(self, spec, sizes):
-        shape = tuple(int(d.subs(sizes)) if hasattr(d, "subs") else d for d in spec.shape)
+        shape = concrete_shape(spec.shape, sizes.get(BATCH))
         return np.zeros(shape, dtype=array_dtype(spec, self.dtype))
 
     def bind(self, batch: int, share: bool = True) -> tuple[Env, dict]:

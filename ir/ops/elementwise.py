@@ -4,13 +4,22 @@ Each body is a scalar formula in the input read; its derivative is sympy's busin
 """
 from __future__ import annotations
 
-import sympy
+from cnncompile.ir.lazy import sympy
 
 from ..affine import Affine
 from ..errors import CompileError, ShapeError, where
 from ..expr import Stage, read
-from ..functions import sigmoid, softplus
 from .base import OpDef, elementwise_domain, elementwise_stage, fmt_shape, identity_index, register
+
+
+def sigmoid(x):
+    from ..functions import sigmoid as head  # (sympy function classes: imported where a body is built)
+    return head(x)
+
+
+def softplus(x):
+    from ..functions import softplus as head
+    return head(x)
 
 
 def relu(x):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import sympy
+from cnncompile.ir.lazy import sympy
 
 from ..affine import Affine
 from ..errors import CompileError, ShapeError, where

@@ -19,7 +19,7 @@ so the derivation sees a product with a known tensor.
 """
 from __future__ import annotations
 
-import sympy
+from cnncompile.ir.lazy import sympy
 
 from ..affine import Affine
 from ..errors import CompileError, ShapeError, where

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from math import ceil, floor
 
-import sympy
+from cnncompile.ir.lazy import sympy
 
 from ..affine import Affine, Box
 from ..errors import CompileError, ShapeError, where
