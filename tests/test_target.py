@@ -2,6 +2,7 @@
 cc.compile(target=...), part of every cache key, and driving the schedule; the LLVM backend
 matches NumPy under the 8-lane (avx2) and the 16-lane (avx512) targets, every working buffer
 poisoned with NaN first (on a host without AVX-512 the 16-lane code runs as 8-lane halves)."""
+import dataclasses
 import warnings
 
 import llvmlite.binding as llvm
@@ -217,6 +218,31 @@ def case_params():
 
 @pytest.mark.parametrize("name, target", case_params())
 def test_llvm_matches_numpy_on_every_buffer_under_each_target(name, target):
+    compare_every_buffer(name, target)
+
+
+@pytest.mark.parametrize("name", ["tails", "rows16", "lenet"])
+@pytest.mark.parametrize("width", TARGETS)
+def test_rows_with_tails_stored_by_masked_stores_match_numpy(name, width):
+    """`Target.masked_tails` (one masked store for a row's partial last vector instead of pieces
+    of halving width; an option, off by default), forced on for both widths on any host."""
+    target = dataclasses.replace(tg.named(width), masked_tails=True)
+    compare_every_buffer(name, target)
+
+
+def test_masked_tails_change_only_the_tail_stores():
+    prog = cc.compile(CASES["tails"][0](), input_shape=CASES["tails"][1], loss=nn.CrossEntropyLoss(),
+                      backend="numpy").prog
+    plain = tg.named("avx2")
+    texts = {m: "\n".join(ModuleWriter(code_program(prog, "float", t), "float", "t", target=t).modules(1))
+             for m, t in ((False, plain), (True, dataclasses.replace(plain, masked_tails=True)))}
+    assert texts[True].count("@llvm.masked.store") > texts[False].count("@llvm.masked.store")
+    assert texts[True].count("store <4 x float>") < texts[False].count("store <4 x float>")
+    assert plain.key() != dataclasses.replace(plain, masked_tails=True).key()
+
+
+def compare_every_buffer(name, target):
+    """The LLVM backend's grads phase under ``target`` against NumPy's, every buffer poisoned first."""
     build, shape = CASES[name]
     model = cc.compile(build(), input_shape=shape, loss=nn.CrossEntropyLoss(), backend="numpy", seed=2)
     rng = np.random.default_rng(5)
@@ -225,7 +251,7 @@ def test_llvm_matches_numpy_on_every_buffer_under_each_target(name, target):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         llvm_exe = LLVMExecutable(model.prog, np.float32, target=target)
-    assert llvm_exe.target.lanes == tg.named(target).lanes
+    assert llvm_exe.target.lanes == tg.resolve(target).lanes
     for k, v in model.executable.state.items():
         llvm_exe.state[k][...] = v
     results = []

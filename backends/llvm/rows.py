@@ -203,12 +203,13 @@ class RegisterRow:
         """The first ``count`` lanes of ``value`` (``lanes`` of type ``ty``) at ``p``, as whole
         vectors of halving powers of two (8, 4, 2 and 1 lanes of an 8-lane row): a masked store
         costs ~16 cycles on Zen 4 (measured: 6.6 ns against 1.1 ns for a load, blend and store),
-        these a cycle or two, and touch nothing else."""
+        these a cycle or two, and touch nothing else. With `Target.masked_tails` (an option: no
+        faster on AVX-512 either, see there), one masked store."""
         fw = self.fw
         ty, lanes = ty or fw.ft, lanes or self.lanes
         vector = f"<{lanes} x {ty}>"
         size = {"float": 4, "double": 8, "i32": 4, "i64": 8}[ty]
-        if self.w.checked:  # one masked store of the first ``count`` lanes, each lane checked
+        if self.w.checked or self.w.target.masked_tails:  # the first ``count`` lanes (checked: each)
             first = "<" + ", ".join(f"i1 {int(k < count)}" for k in range(lanes)) + ">"
             self.masked_store(p, value, self.guard(p, first, lanes), ty, lanes)
             return

@@ -45,7 +45,11 @@ class Target:
     half); ``registers``: vector registers; ``fma_units``: FMA pipes per core at that width;
     ``l1``/``l2``: data cache bytes per core; ``cpu``/``features``: what LLVM compiles for
     (LLVM's CPU name, its ``+feature,-feature`` string); ``note``: anything the user should know
-    (a 16-lane schedule on a host without AVX-512)."""
+    (a 16-lane schedule on a host without AVX-512); ``masked_tails``: a row's last, partial vector
+    is stored with one masked store (AVX-512's mask registers) instead of pieces of halving width.
+    Off on every target: timed on an Emerald Rapids Xeon (`bench/targets.py`, two threads) it
+    ran ResNet-20's step in 52.4 ms against 51.2 ms and LeNet-5's in 2.82 against 2.76 ms; on
+    AVX2 hosts a masked store costs ~16 cycles. Kept as an option (tests run it both ways)."""
 
     name: str
     lanes: int
@@ -56,6 +60,7 @@ class Target:
     cpu: str
     features: str
     note: str = ""
+    masked_tails: bool = False  # a row's tail stored by one masked store (an option; see above)
 
     # ----- what the schedule and the templates are computed from --------------------------------
     def vector_lanes(self, ftype: str) -> int:
@@ -98,11 +103,16 @@ class Target:
             size //= 2
         return tuple(sizes)
 
+    @property
+    def split(self) -> bool:
+        """16-lane code compiled for a host without AVX-512 (each vector run as two halves)."""
+        return self.lanes == 16 and "+avx512f" not in self.features.split(",")
+
     # ----- identity -----------------------------------------------------------------------------
     def key(self) -> str:
         """Everything about the target that the generated code depends on (cache keys)."""
         return repr((self.name, self.lanes, self.registers, self.fma_units, self.l1, self.l2, self.cpu,
-                     self.features))
+                     self.features, self.masked_tails))
 
     def describe(self) -> str:
         text = (f"{self.name}: {self.lanes} float32 lanes, {self.registers} vector registers, {self.fma_units} FMA "

@@ -152,14 +152,20 @@ class Scheduler:
 
     def grow(self, kernel: Kernel, remaining: list) -> None:
         """Pull every stage that can run in the kernel's epilogue (or a sibling's) out of ``remaining``."""
+        members = kernel.members
+        made = [m.made for m in members]  # (kept up to date below: asked once per remaining stage)
+        main_reads = [self.reads(m.main) for m in members]
         k = 0
         while k < len(remaining):
             stage = remaining[k]
-            host = next((m for m in kernel.members if self.reads(stage) & m.made), None)
-            if host is not None and not any(stage.out in self.reads(m.main) for m in kernel.members):
+            reads = self.reads(stage)
+            at = next((j for j, outs in enumerate(made) if reads & outs), None)
+            if at is not None and not any(stage.out in r for r in main_reads):
+                host = members[at]
                 body = self.epilogue_body(host, stage)
                 if body is not None and self.movable(remaining[:k], stage):
                     host.epilogue.append((stage, body))
+                    made[at].add(stage.out)
                     remaining.pop(k)
                     k = 0  # a later stage may now read what this one made
                     continue
