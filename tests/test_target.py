@@ -104,6 +104,25 @@ def test_a_16_lane_target_on_a_host_without_avx512_warns_that_it_runs_split():
         tg.resolve("avx512")
 
 
+def test_bounds_checked_16_lane_code_needs_a_host_with_avx512(monkeypatch):
+    """Split onto AVX2, LLVM miscompiled the checks of 16-lane code (a filter gradient and batch
+    norm's sums came out wrong); such a build is refused, naming what to do instead. Natively
+    (an AVX-512 host) it runs, and matches the plain build."""
+    monkeypatch.setenv("CNNCOMPILE_CHECK", "1")
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if tg.named("avx512").split:
+            with pytest.raises(cc.CompileError, match=r"no AVX-512.*CNNCOMPILE_TARGET=avx2"):
+                cc.compile(net, input_shape=(1, 7, 7), loss=nn.CrossEntropyLoss(), target="avx512")
+            return
+        checked = cc.compile(net, input_shape=(1, 7, 7), loss=nn.CrossEntropyLoss(), target="avx512")
+    monkeypatch.delenv("CNNCOMPILE_CHECK")
+    plain = cc.compile(net, input_shape=(1, 7, 7), loss=nn.CrossEntropyLoss(), target="avx512")
+    x, y = np.random.default_rng(0).standard_normal((5, 1, 7, 7)), np.arange(5) % 3
+    assert checked.executable.checked and checked.train_step(x, y) == pytest.approx(plain.train_step(x, y), rel=1e-5)
+
+
 def test_budgets_follow_the_registers():
     narrow, wide = tg.named("avx2"), tg.named("avx512")
     assert (narrow.accumulators, narrow.wide_accumulators, narrow.max_row, narrow.siblings) == (8, 12, 64, 4)

@@ -49,28 +49,18 @@ def engine():
 def fingerprint(ir_text: str, t: Target | None = None) -> str:
     """The object code's key: the IR, LLVM's version and the target it is compiled for."""
     h = hashlib.sha256()
-    for part in (ir_text, llvmlite.__version__, str(llvm.llvm_version_info), resolve(t).key(), pipeline(resolve(t))):
+    for part in (ir_text, llvmlite.__version__, str(llvm.llvm_version_info), resolve(t).key(),
+                 "O3+loop+slp-interleave"):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
 
 
-def pipeline(t: Target) -> str:
-    """How LLVM optimizes code for ``t``: O3 with both vectorizers, no interleaving; O1 without
-    them for 16-lane code split onto a host without AVX-512 (a mode for testing the templates'
-    logic only). There LLVM 20's O2 and O3 miscompiled a bounds-checked batch-norm reduction
-    (wrong sums, deterministically; correct at O1, and correct at O3 on an AVX-512 host): what
-    the split mode tests is our IR, not LLVM's splitting of 16-lane masks."""
-    return "O1" if t.split else "O3+loop+slp-interleave"
-
-
 def optimize(module, t: Target | None = None) -> None:
-    t = resolve(t)
     tm = target(t)
-    split = pipeline(t) == "O1"
-    pto = llvm.create_pipeline_tuning_options(speed_level=1 if split else 3)
-    pto.loop_vectorization = not split
-    pto.slp_vectorization = not split
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
     pto.loop_interleaving = False
     pb = llvm.create_pass_builder(tm, pto)
     pb.getModulePassManager().run(module, pb)

@@ -19,6 +19,7 @@ from collections import OrderedDict
 import numpy as np
 
 from cnncompile.ir.buffers import PERSISTENT, array_dtype, lifetimes, plan_buffers
+from cnncompile.ir.errors import CompileError
 from cnncompile.ir.expr import Program, concrete_shape
 from cnncompile.backends.env import Env
 from .jit import Compiled, compile_workers, fingerprint
@@ -77,6 +78,12 @@ class LLVMExecutable:
         self.target = resolve(target)
         self.choices = dict(choices or {})  # (what model.schedule() shows)
         self.checked = os.environ.get("CNNCOMPILE_CHECK") == "1"
+        if self.checked and self.target.split:
+            raise CompileError(
+                f"CNNCOMPILE_CHECK=1 with the 16-lane target on this {self.target.cpu}, which has no AVX-512: LLVM "
+                f"miscompiles the bounds checks of 16-lane code split into 8-lane halves (wrong gradients, seen "
+                f"with LLVM 20 at every optimization level but none). Check the 8-lane code here "
+                f"(CNNCOMPILE_TARGET=avx2), or the 16-lane code on a host with AVX-512")
         if manifest is None:  # (a stored manifest needs none of the code generator, nor sympy)
             from .codegen import ModuleWriter, code_program
             ftype = "float" if self.dtype == np.float32 else "double"
