@@ -12,7 +12,7 @@ the host CPU and from the cache sizes Linux reports; ``CNNCOMPILE_TARGET`` or
   halves): the templates' logic runs and can be tested, never an instruction the host lacks;
 - ``host``: the detected one. The rule is ``avx512`` where the CPU has two full-width 512-bit FMA
   units (Intel's server cores, Zen 5), else ``avx2`` (Zen 4 runs 512-bit FMAs double-pumped: its
-  512-bit code ran no faster, see the README). Timed on a Sapphire Rapids Xeon (two threads),
+  512-bit code ran no faster, see the README). Timed on an Emerald Rapids Xeon (two threads),
   the 16-lane schedule ran ResNet-20's train step in 54 ms against 71 ms for 8 lanes and LeNet-5's
   1.2× faster, so ``WIDE_BY_DEFAULT`` lets detection choose it there.
 
