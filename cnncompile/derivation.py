@@ -29,7 +29,7 @@ class Derivation:
     @property
     def prog(self):
         if self._prog is None:
-            self._prog = self.derive()
+            self._prog = self.derive(self.optimizer)
         return self._prog
 
     @property
@@ -38,13 +38,13 @@ class Derivation:
         statistics of batch norm, which it prints, come from the lowering); the whole program
         where one is at hand already."""
         if self._prog is None and self._formulas is None:
-            self._formulas = self.derive(optimizer=None)
+            self._formulas = self.derive(None)
         return self._prog if self._prog is not None else self._formulas
 
-    def derive(self, optimizer="same"):
+    def derive(self, optimizer):
+        """The derived program, with ``optimizer``'s update stages (None: none)."""
         from .compiler import build_program
         outputs = [t.name for _, t in self.heads]
-        optimizer = self.optimizer if optimizer == "same" else optimizer
         return build_program(self.tracer, outputs, self.targets, self.loss_name, self.loss, optimizer)
 
     def layer_program(self, layer: str):

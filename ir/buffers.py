@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .expr import BATCH, PHASES, Program, grad_name
+from .expr import PHASES, Program, concrete_shape, grad_name
 
 ALIGN = 64
 PERSISTENT = ("param", "buffer", "state")
@@ -107,8 +107,8 @@ def array_dtype(spec, float_dtype) -> np.dtype:
 
 def nbytes(spec, batch: int, float_bytes: int) -> int:
     count = 1
-    for d in spec.shape:
-        count *= batch if d is BATCH else int(d)
+    for d in concrete_shape(spec.shape, batch):
+        count *= int(d)
     return count * (INTEGER_TYPES[spec.dtype]().itemsize if spec.dtype in INTEGER_TYPES else float_bytes)
 
 

@@ -31,9 +31,9 @@ def example(name: str):
 def derived_both_ways(d, monkeypatch):
     """The program derived with memoization (tables as earlier derivations left them) and afresh."""
     monkeypatch.setattr(autodiff, "MEMO", True)
-    memo = d.derive()
+    memo = d.derive(d.optimizer)
     monkeypatch.setattr(autodiff, "MEMO", False)
-    return memo, d.derive()
+    return memo, d.derive(d.optimizer)
 
 
 def assert_same_program(memo, plain):
@@ -59,7 +59,7 @@ def test_repeated_blocks_are_derived_once():
     """ResNet-20's eighteen 3×3 convolutions come in three sizes: far fewer transpositions are
     computed than reads transposed."""
     autodiff._transposed.clear()
-    prog = example("resnet20").derive()
+    prog = example("resnet20").prog
     assert len(autodiff._transposed) < len(prog.backward) / 2
     assert len(autodiff._derivatives) < len(autodiff._transposed)
 

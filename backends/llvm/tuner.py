@@ -30,7 +30,7 @@ import numpy as np
 
 from cnncompile import diskcache
 from cnncompile.ir.buffers import PERSISTENT, array_dtype
-from cnncompile.ir.expr import BATCH
+from cnncompile.ir.expr import concrete_shape
 
 from .codegen import UNITS_PHASE, code_program
 from .program import LLVMExecutable
@@ -97,7 +97,7 @@ def feeds_for(exe: LLVMExecutable, batch: int, rng) -> dict:
     for name, spec in exe.prog.tensors.items():
         if spec.role in PERSISTENT or not (spec.role in ("input", "label") or name in exe.prog.noise):
             continue
-        shape = tuple(batch if d is BATCH else d for d in spec.shape)
+        shape = concrete_shape(spec.shape, batch)
         dtype = array_dtype(spec, exe.dtype)
         if name in exe.prog.noise:
             feeds[name] = np.ones(shape, dtype)
