@@ -8,7 +8,11 @@ from cnncompile.ir.errors import CompileError
 from cnncompile.ir.residue import residue_classes
 
 
-def render(prog, kind: str, dtype, compiled=None) -> str:
+def render(prog, kind: str, dtype, executable=None) -> str:
+    """``executable``: an LLVM one shows the code it runs, every phase compiled first."""
+    compiled = executable if hasattr(executable, "load_all") else None
+    if compiled is not None and kind in ("llvm", "asm"):
+        compiled.load_all()
     if kind == "llvm":
         return compiled.ir_text if compiled is not None else _llvm_text(prog, dtype)
     if kind == "asm":

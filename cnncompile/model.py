@@ -395,4 +395,4 @@ class Model:
     def source(self, kind: str = "llvm") -> str:
         """The generated code: "llvm" (IR as generated), "asm" (after O3, this CPU), or "numpy"."""
         from cnncompile.backends import sources
-        return sources.render(self.prog, kind, self.dtype, getattr(self.executable, "compiled", None))
+        return sources.render(self.prog, kind, self.dtype, self.executable)

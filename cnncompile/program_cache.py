@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import diskcache
 
-FORMAT = "program-3"
+FORMAT = "program-4"
 _source_hash: str | None = None
 
 

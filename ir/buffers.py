@@ -68,15 +68,16 @@ def lifetimes(prog: Program, steps: dict | None = None) -> dict[str, list[tuple[
     """Per tensor, its live span in every phase that touches it, each phase laid out on one line
     after the other. ``steps[phase][position]`` numbers a phase's stages by barrier-separated
     step (fused stages share one, so memory freed inside a fused group is not reused before the
-    group's barrier); by default every stage is its own step."""
+    group's barrier); by default every stage is its own step. Given ``steps``, only the phases it
+    numbers are laid out (the ones compiled: a phase compiled later lays them out again)."""
     from .loops import stage_tensors  # (it reads the formulas: sympy)
 
     spans: dict[str, list[tuple[int, int]]] = {}
     base = 0
-    for phase in PHASES:
+    for phase in PHASES if steps is None else [p for p in PHASES if p in steps]:
         inputs = handed_in(prog, phase)
         stages = prog.phase_stages(phase)
-        numbers = steps[phase] if steps else range(len(stages))
+        numbers = range(len(stages)) if steps is None else steps[phase]
         local: dict[str, tuple[int, int]] = {}
         for (_, _, stage), number in zip(stages, numbers):
             step = base + number

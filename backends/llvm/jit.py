@@ -19,6 +19,16 @@ _engine = None
 _target_machines: dict = {}  # (cpu, features) → target machine
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has only the forking thread: the lock another thread held is free again."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def new_target_machine(t: Target | None = None):
     """A target machine for ``t``'s CPU and features (default: the resolved target, see
     `target.resolve`), at O3: the one place one is made."""

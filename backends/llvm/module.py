@@ -1,7 +1,11 @@
-"""One LLVM module per program: a function per kernel (identical kernels written once), a driver
-per phase calling them with the threads' barrier between, split into parts of about equal size
-that LLVM optimizes in parallel processes."""
+"""A program as LLVM modules: a function per kernel (identical kernels written once), a driver per
+phase calling them with the threads' barrier between (`drivers`). Written in parts: the phases a
+trainer runs first, the others when first run, each part calling the kernel functions the parts
+before it defined; a part is split into modules of about equal size that LLVM optimizes in
+parallel processes."""
 from __future__ import annotations
+
+import hashlib
 
 import sympy
 
@@ -9,6 +13,7 @@ from cnncompile.ir.expr import PHASES, Program
 from cnncompile.ir.loops import stage_tensors
 
 from .deadstores import unobserved_outputs
+from .drivers import BARRIER_DECLARES, assemble, declaration, driver, unit_drivers
 from .emit import FunctionWriter
 from .names import function_name, kernel_label, symbol_part
 from .nests import Nests
@@ -17,12 +22,13 @@ from .target import Target, resolve
 from .phases import UNITS_PHASE
 
 
-
 class ModuleWriter(Nests):
     """The program (rewritten for the target: `codegen.code_program`) as LLVM modules."""
 
     def __init__(self, prog: Program, ftype: str, prefix: str, checked: bool = False, fuse: bool = True,
-                 target: Target | str | None = None, choices: dict | None = None):
+                 target: Target | str | None = None, choices: dict | None = None, known: dict | None = None):
+        """``known``: the kernel functions earlier parts of this program defined (`defined`), called
+        rather than written again."""
         self.prog, self.ft, self.prefix, self.checked = prog, ftype, prefix, checked
         self.target = resolve(target)
         self.lanes = self.target.vector_lanes(ftype)  # elements per vector register
@@ -37,7 +43,11 @@ class ModuleWriter(Nests):
                                     if isinstance(s, sympy.Symbol) and not s.is_integer} - {"B"} - set(prog.tensors))
         # (runtime scalars only: a read, and its tensor's name, count among sympy's free symbols)
         self.functions: list[str] = []
-        self.signatures: dict[str, str] = {}  # stage function → its declaration, for split modules
+        self.known = dict(known or {})  # body digest → (name, declaration): defined by an earlier part
+        self.digests: dict[str, str] = {}  # function this writer defined → its body's digest
+        self.tag = ""  # in the names of the functions the part being written defines
+        self.plans: dict[str, list] = {}  # phase → its kernels (`plan`)
+        self.phase_calls: dict[str, list] = {}  # phase → (function, tensors) per kernel (`calls`)
         self.bodies: dict[str, str] = {}  # function text without its name and comments → the function's name
         self.users: dict[str, list[str]] = {}  # function name → the kernels (stage labels) that call it
         self.declares: set[str] = set()
@@ -87,11 +97,20 @@ class ModuleWriter(Nests):
             if label not in self.users[name]:
                 self.users[name].append(label)
             return name, tensors
-        name = f"@{self.prefix}_f{len(self.bodies)}_{symbol_part(kernel.main)}"  # after the stage it runs first
-        self.bodies[code], self.users[name] = name, [label]
-        self.signatures[name] = f"declare void {name}({', '.join(['ptr'] * (len(tensors) + 1))}, i64, i64, i64)"
+        digest = hashlib.sha256(code.encode()).hexdigest()
+        if digest in self.known:  # defined by an earlier part: called, not written again
+            name = self.known[digest][0]
+            self.bodies[code], self.users[name] = name, [label]
+            return name, tensors
+        name = f"@{self.prefix}_{self.tag}f{len(self.bodies)}_{symbol_part(kernel.main)}"  # after its first stage
+        self.bodies[code], self.users[name], self.digests[name] = name, [label], digest
         self.functions.append(f"define internal void {name}" + body)
         return name, tensors
+
+    def defined(self) -> dict[str, tuple[str, str]]:
+        """The functions this writer defined, by body digest: what the next parts are told (``known``)."""
+        texts = {function_name(f): f for f in self.functions}
+        return {**self.known, **{d: (name, declaration(texts[name])) for name, d in self.digests.items()}}
 
     def headed(self, text: str) -> str:
         """A function's text after comment lines naming every kernel that calls it (outside the
@@ -99,99 +118,52 @@ class ModuleWriter(Nests):
         name = function_name(text)
         return "".join(f"; {label}\n" for label in self.users.get(name, [])) + text
 
+    def plan(self, phase: str) -> list[Kernel]:
+        """The phase's kernels (the scheduler's), once; the train phase's also give the values
+        its kernels keep in registers (`unobserved_outputs`) and the stages of each kernel."""
+        if phase not in self.plans:
+            plan = self.plans[phase] = self.scheduler.kernels(phase)
+            if phase == UNITS_PHASE:
+                self.elided = unobserved_outputs(plan, self.prog)
+                self.units = [[self.stage_index[id(s)] for s in kernel.stages] for kernel in plan]
+            if phase in PHASES:
+                kernel_of = {id(s): step for step, kernel in enumerate(plan) for s in kernel.stages}
+                self.steps[phase] = [kernel_of[id(s)] for _, _, s in self.prog.phase_stages(phase)]
+        return self.plans[phase]
+
+    def calls(self, phase: str) -> list[tuple[str, list[str]]]:
+        """Per kernel of the phase, the function running it and the tensors it takes."""
+        if phase not in self.phase_calls:
+            self.phase_calls[phase] = [self.kernel_function(kernel, self.elided.get(id(kernel), frozenset()))
+                                       for kernel in self.plan(phase)]
+        return self.phase_calls[phase]
+
+    def driver(self, phase: str) -> str:
+        return driver(self.prefix, phase, self.calls(phase), self.tensor_ids)
+
+    def head(self) -> str:
+        return "\n".join(sorted(self.declares | {BARRIER_DECLARES}))
+
     def module(self) -> str:
         """The whole program as one module (what ``model.source("llvm")`` shows)."""
         return self.modules(1)[0]
 
     def modules(self, n: int) -> list[str]:
-        """The program as ``n`` modules of about equal size, so that LLVM can optimize them on
-        separate threads: the drivers and the barrier in the first, stage functions spread over
-        all (exported where split, and declared where the drivers call them)."""
-        drivers = []
-        for phase, plan in self.phase_kernels():
-            drivers.append(self.driver(phase, [self.kernel_function(kernel, self.elided.get(id(kernel), frozenset()))
-                                               for kernel in plan]))
-            if phase in PHASES:
-                kernel_of = {id(s): step for step, kernel in enumerate(plan) for s in kernel.stages}
-                self.steps[phase] = [kernel_of[id(s)] for _, _, s in self.prog.phase_stages(phase)]
-        head = "\n".join(sorted(self.declares | {BARRIER_DECLARES}))
-        functions = [self.headed(f) for f in self.functions]
-        if n <= 1:
-            return [head + "\n\n" + BARRIER + "\n" + "\n".join(functions) + "\n" + "\n".join(drivers)]
-        bins = [[] for _ in range(n)]
-        sizes = [sum(len(d) for d in drivers)] + [0] * (n - 1)
-        for text in sorted(functions, key=len, reverse=True):
-            k = sizes.index(min(sizes))
-            bins[k].append(text.replace("define internal void", "define void", 1))
-            sizes[k] += len(text)
-        elsewhere = [self.signatures[function_name(f)] for b in bins[1:] for f in b]
-        first = [head, BARRIER, *elsewhere, *bins[0], *drivers]
-        return ["\n".join(first)] + ["\n".join([head, *b]) for b in bins[1:] if b]
+        """The whole program, every phase and kernel, as ``n`` modules, with a driver per kernel of
+        the train phase too (the NaN guard replays a step kernel by kernel; profiles time them)."""
+        drivers = [self.driver(phase) for phase in self.prog.phase_names()]
+        drivers += unit_drivers(self.prefix, UNITS_PHASE, self.calls(UNITS_PHASE), self.tensor_ids)
+        return assemble(self.head(), [self.headed(f) for f in self.functions], drivers, [], n, internal=n <= 1)
 
-    def phase_kernels(self):
-        """Each phase's kernels in order, and a driver per kernel of the train phase (the NaN
-        guard replays a step kernel by kernel; profiles time them)."""
-        for phase in self.prog.phase_names():
-            plan = self.scheduler.kernels(phase)
-            if phase == UNITS_PHASE:
-                self.elided = unobserved_outputs(plan, self.prog)
-            yield phase, plan
-            if phase == UNITS_PHASE:
-                self.units = [[self.stage_index[id(s)] for s in kernel.stages] for kernel in plan]
-                for j, kernel in enumerate(plan):
-                    yield f"{UNITS_PHASE}_u{j}", [kernel]
-
-    def driver(self, phase: str, calls) -> str:
-        lines = ["entry:", "  %sense = alloca i32", "  %shared = getelementptr inbounds i32, ptr %bar, i64 1",
-                 "  %s0 = load atomic i32, ptr %shared acquire, align 4", "  store i32 %s0, ptr %sense"]
-        n = 0
-        for name, tensors in calls:
-            args = []
-            for t in tensors:
-                n += 1
-                lines.append(f"  %slot{n} = getelementptr inbounds ptr, ptr %bufs, i64 {self.tensor_ids[t]}")
-                lines.append(f"  %buf{n} = load ptr, ptr %slot{n}")
-                args.append(f"ptr %buf{n}")
-            lines.append(f"  call void {name}({', '.join(args)}, ptr %scalars, i64 %B, i64 %tid, i64 %nt)")
-            lines.append("  call void @cc_barrier(ptr %bar, ptr %sense, i64 %nt)")
-        lines.append("  ret void")
-        return (f"define void @{self.prefix}_{phase}(ptr %bufs, ptr %scalars, i64 %B, i64 %tid, i64 %nt, ptr %bar) "
-                "{\n" + "\n".join(lines) + "\n}\n")
+    def part(self, phases: list[str], n: int, tag: str = "") -> list[str]:
+        """``phases``' drivers and the kernel functions they call that no earlier part defined (named
+        with ``tag``), as ``n`` modules; functions of earlier parts are declared."""
+        self.tag, first = tag, len(self.functions)
+        drivers = [self.driver(phase) for phase in phases]
+        self.tag = ""
+        new = self.functions[first:]
+        earlier = dict(self.known.values()) | {function_name(f): declaration(f) for f in self.functions[:first]}
+        called = {name for phase in phases for name, _ in self.calls(phase)} - {function_name(f) for f in new}
+        return assemble(self.head(), [self.headed(f) for f in new], drivers, sorted(earlier[n] for n in called), n)
 
 
-BARRIER_DECLARES = "declare void @llvm.x86.sse2.pause()\ndeclare i32 @sched_yield()"
-BARRIER = """define internal void @cc_barrier(ptr %bar, ptr %sense, i64 %nt) noinline {
-entry:
-  %single = icmp sle i64 %nt, 1
-  br i1 %single, label %done, label %arrive
-arrive:
-  %s = load i32, ptr %sense
-  %ns = xor i32 %s, 1
-  store i32 %ns, ptr %sense
-  %shared = getelementptr inbounds i32, ptr %bar, i64 1
-  %old = atomicrmw add ptr %bar, i32 1 acq_rel
-  %old64 = sext i32 %old to i64
-  %nt1 = sub i64 %nt, 1
-  %last = icmp eq i64 %old64, %nt1
-  br i1 %last, label %release, label %spin
-release:
-  store atomic i32 0, ptr %bar monotonic, align 4
-  store atomic i32 %ns, ptr %shared release, align 4
-  br label %done
-spin:
-  %spins = phi i64 [ 0, %arrive ], [ %next, %pause ], [ 0, %yield ]
-  %cur = load atomic i32, ptr %shared acquire, align 4
-  %same = icmp eq i32 %cur, %ns
-  br i1 %same, label %done, label %pause
-pause:
-  call void @llvm.x86.sse2.pause()
-  %next = add i64 %spins, 1
-  %long = icmp ugt i64 %next, 4000
-  br i1 %long, label %yield, label %spin
-yield:
-  %ignored = call i32 @sched_yield()
-  br label %spin
-done:
-  ret void
-}
-"""

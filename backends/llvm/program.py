@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -20,8 +21,9 @@ import numpy as np
 
 from cnncompile.ir.buffers import PERSISTENT, array_dtype, lifetimes, plan_buffers
 from cnncompile.ir.errors import CompileError
-from cnncompile.ir.expr import Program, concrete_shape
+from cnncompile.ir.expr import SEGMENT, Program, concrete_shape
 from cnncompile.backends.env import Env
+from .drivers import BARRIER_DECLARES, assemble, declare, unit_drivers, unit_phase
 from .jit import Compiled, compile_workers, fingerprint
 from .phases import UNITS_PHASE
 from .target import Target, resolve
@@ -42,6 +44,8 @@ def _after_fork_in_child() -> None:
     barrier left mid-phase by the parent's threads starts from zero."""
     global _loaded_lock
     _loaded_lock = threading.Lock()
+    for code in list(_loaded.values()):
+        code.lock = threading.Lock()
     for executable in list(_live):
         executable.lock = threading.RLock()
         executable.barrier[...] = 0
@@ -64,6 +68,90 @@ def thread_count() -> int:
     return max(1, int(wanted)) if wanted else max(1, min(2, len(os.sched_getaffinity(0))))
 
 
+def eager_phases(prog: Program) -> list[str]:
+    """The phases compiled with the program: what a trainer runs (``fit``: train, then evaluate's
+    loss_eval; ``predict``). Every other phase (gradients alone, train-mode losses, the update
+    alone, a step's kernels one at a time) is compiled when first run, reusing these kernels."""
+    return ["predict"] + (["loss_eval"] if prog.loss else []) + (["train"] if prog.update else [])
+
+
+def layout(prog: Program) -> str:
+    """What, besides the code compiled first, tells programs apart: the stages of every phase,
+    and the grads phase's cuts (phases compiled later are named after the first part's hash;
+    two programs sharing that name must write the same code for every phase)."""
+    return repr([(phase, [s.out for _, _, s in prog.phase_stages(phase)]) for phase in prog.phase_names()])
+
+
+class ProgramCode:
+    """One program's machine code in this process, shared by every executable of it: the part
+    compiled with it, and each phase compiled later on first use (written by one `ModuleWriter`
+    that calls the earlier parts' kernel functions, so names never clash)."""
+
+    def __init__(self, prefix: str, texts: list[str], manifest: dict, ftype: str, target: Target, checked: bool,
+                 choices: dict | None, use_cache: bool, writer=None):
+        self.prefix, self.manifest, self.ftype, self.target = prefix, manifest, ftype, target
+        self.checked, self.choices, self.use_cache = checked, choices, use_cache
+        self.writer = writer  # (made when a later phase is first written, if not handed over)
+        self.parts: list[Compiled] = []
+        self.defined: set[str] = set()  # every function the parts define
+        self.add_part(texts)
+        self.facts = {p: {"steps": {p: manifest["steps"][p]} if p in manifest["steps"] else {},
+                          "calls": manifest["calls"][p]} for p in manifest["phases"]}
+        if UNITS_PHASE in self.facts:
+            self.facts[UNITS_PHASE].update(units=manifest["units"], elided=manifest["elided"])
+        self.lock = threading.Lock()
+
+    def load(self, phase: str) -> dict:
+        """The phase's facts (its steps, calls, units), compiling its code first if needed."""
+        with self.lock:
+            if phase not in self.facts:
+                if phase.startswith(f"{UNITS_PHASE}_u"):
+                    self.load_units()
+                else:
+                    self.load_phase(phase)
+            return self.facts[phase]
+
+    def load_phase(self, phase: str) -> None:
+        writer = self.writer
+        if writer is None:
+            from .codegen import ModuleWriter
+            writer = self.writer = ModuleWriter(self.manifest["program"], self.ftype, PLACEHOLDER, checked=self.checked,
+                                                target=self.target, choices=self.choices, known=self.manifest["known"])
+        texts = writer.part([phase], compile_workers(), tag=f"{phase}_")
+        self.add_part(texts)
+        laid_out = "grads" if phase.startswith(SEGMENT) else phase  # (segments use the grads phase's buffers)
+        writer.plan(laid_out)
+        self.facts[phase] = {"steps": {laid_out: writer.steps[laid_out]}, "calls": writer.calls(phase)}
+        if phase == UNITS_PHASE:
+            self.facts[phase].update(units=writer.units, elided=writer.elided_tensors)
+
+    def load_units(self) -> None:
+        """Drivers that run the train phase's kernels one at a time (no kernel is written again)."""
+        if UNITS_PHASE not in self.facts:
+            self.load_phase(UNITS_PHASE)
+        calls = self.facts[UNITS_PHASE]["calls"]
+        tensor_ids = {name: k for k, name in enumerate(self.manifest["program"].tensors)}
+        texts = assemble(BARRIER_DECLARES, [], unit_drivers(PLACEHOLDER, UNITS_PHASE, calls, tensor_ids),
+                         sorted({declare(name, len(tensors)) for name, tensors in calls}), 1)
+        self.add_part(texts)
+        for j in range(len(calls)):
+            self.facts[unit_phase(UNITS_PHASE, j)] = {"steps": {}, "calls": [calls[j]]}
+
+    def add_part(self, texts: list[str]) -> None:
+        """Compile and load a part, once every function it calls is known to be defined (an
+        unresolved call would jump to address 0)."""
+        texts = [t.replace(PLACEHOLDER, self.prefix) for t in texts]
+        defined = self.defined | {m for t in texts for m in re.findall(r"^define (?:internal )?void (@[\w.$-]+)", t, re.M)}
+        missing = {m for t in texts for m in re.findall(r"^declare void (@cc_[\w.$-]+)", t, re.M)} - defined
+        if missing:
+            raise RuntimeError(f"internal: generated code calls undefined functions {sorted(missing)[:3]}")
+        self.parts.append(Compiled(texts, self.use_cache, self.target))
+        self.defined = defined
+
+    def address(self, phase: str) -> int:
+        return self.parts[0].address(f"{self.prefix}_{phase}")
+
+
 class LLVMExecutable:
     name = "llvm"
 
@@ -84,30 +172,35 @@ class LLVMExecutable:
                 f"miscompiles the bounds checks of 16-lane code split into 8-lane halves (wrong gradients, seen "
                 f"with LLVM 20 at every optimization level but none). Check the 8-lane code here "
                 f"(CNNCOMPILE_TARGET=avx2), or the 16-lane code on a host with AVX-512")
+        ftype = "float" if self.dtype == np.float32 else "double"
         if manifest is None:  # (a stored manifest needs none of the code generator, nor sympy)
             from .codegen import ModuleWriter, code_program
-            ftype = "float" if self.dtype == np.float32 else "double"
             code_prog = code_program(prog, ftype, self.target)
             writer = ModuleWriter(code_prog, ftype, PLACEHOLDER, checked=self.checked, target=self.target,
                                   choices=choices)
-            manifest = {"texts": writer.modules(compile_workers()), "scalar_names": writer.scalar_names,
-                        "steps": writer.steps, "units": writer.units, "program": code_prog,
-                        "elided": writer.elided_tensors, "spans": lifetimes(code_prog, writer.steps)}
+            phases = eager_phases(code_prog)
+            texts = writer.part(phases, compile_workers())
+            manifest = {"texts": texts, "scalar_names": writer.scalar_names, "steps": writer.steps,
+                        "units": writer.units, "program": code_prog, "elided": writer.elided_tensors,
+                        "spans": lifetimes(code_prog, writer.steps), "phases": phases,
+                        "calls": {p: writer.calls(p) for p in phases}, "known": writer.defined(),
+                        "layout": layout(code_prog)}
+        else:
+            writer = None
         self._manifest = manifest
         self.prog = manifest["program"]  # the program the code was written from (with packed layouts)
         texts = manifest["texts"]
-        self.scalar_names, self.steps, self.unit_stages = manifest["scalar_names"], manifest["steps"], manifest["units"]
+        self.scalar_names, self.steps = manifest["scalar_names"], dict(manifest["steps"])
+        self.unit_stages = manifest["units"]
         self.spans = manifest["spans"]  # every tensor's lifetime (`ir.buffers.lifetimes`), batch-independent
         self.elided = set(manifest["elided"])  # train-phase values kept in registers only (never stored)
-        prefix = "cc_" + fingerprint("\n".join(texts), self.target)[:16]
-        parts = [t.replace(PLACEHOLDER, prefix) for t in texts]
-        self.ir_text = "\n".join(parts)
+        prefix = "cc_" + fingerprint("\n".join(texts + [manifest["layout"]]), self.target)[:16]
         with _loaded_lock:
             if prefix not in _loaded:
-                _loaded[prefix] = Compiled(parts, use_cache, self.target)
-        self.compiled = _loaded[prefix]
-        names = self.prog.phase_names() + [f"{UNITS_PHASE}_u{j}" for j in range(len(self.unit_stages))]
-        self.phases = {p: PHASE_SIGNATURE(self.compiled.address(f"{prefix}_{p}")) for p in names}
+                _loaded[prefix] = ProgramCode(prefix, [t.replace(PLACEHOLDER, prefix) for t in texts], manifest,
+                                              ftype, self.target, self.checked, choices, use_cache, writer)
+        self.code = _loaded[prefix]
+        self.phases = {}  # phase → its native function, once this executable has run it
         self.state = {n: self.allocate(s, 1) for n, s in prog.tensors.items() if s.role in PERSISTENT}
         self.arenas: dict[bool, np.ndarray] = {}  # per sharing mode: the largest plan's bytes
         self.bound: OrderedDict[tuple, tuple] = OrderedDict()  # (batch, share) → (env, pointers), newest last
@@ -178,10 +271,42 @@ class LLVMExecutable:
             return {"arenas": len(self.arenas), "bytes": sum(a.nbytes for a in self.arenas.values()),
                     "batch_sizes": [b for b, _ in self.bound]}
 
+    def function(self, phase: str):
+        """The phase's native function, its code compiled on first use (by any executable of
+        this program); a phase with kernels of its own lays the buffers out again with them."""
+        if phase not in self.phases:
+            facts = self.code.load(phase)
+            if any(p not in self.steps for p in facts["steps"]):
+                self.steps.update(facts["steps"])
+                self.spans = lifetimes(self.prog, self.steps)
+                self.bound.clear()  # (views laid out without the phase)
+            if "units" in facts:
+                self.unit_stages, self.elided = facts["units"], set(facts["elided"])
+            self.phases[phase] = PHASE_SIGNATURE(self.code.address(phase))
+        return self.phases[phase]
+
+    def load_all(self) -> None:
+        """Every phase compiled (what ``model.source`` shows)."""
+        with self.lock:
+            for phase in self.prog.phase_names():
+                self.function(phase)
+            for j in range(len(self.units(UNITS_PHASE))):
+                self.function(unit_phase(UNITS_PHASE, j))
+
+    @property
+    def ir_text(self) -> str:
+        """The IR of the code compiled so far."""
+        return "\n".join(part.ir_text for part in self.code.parts)
+
+    def assembly(self) -> str:
+        return "\n".join(part.assembly() for part in self.code.parts)
+
     def units(self, phase: str) -> list[list]:
         """The phase's kernels, each as the stages it runs, in order (the train phase only)."""
         if phase != UNITS_PHASE:
             raise ValueError(f"internal: kernels run one at a time in the {UNITS_PHASE} phase only, not {phase}")
+        with self.lock:
+            self.function(UNITS_PHASE)
         stages = self.prog.all_stages()
         return [[stages[k] for k in unit] for unit in self.unit_stages]
 
@@ -198,6 +323,7 @@ class LLVMExecutable:
             return self._run(phase, batch, feeds, scalars, share)
 
     def _run(self, phase: str, batch: int, feeds: dict, scalars: dict | None, share: bool) -> Env:
+        function = self.function(phase)  # (first: compiling a phase may lay the buffers out again)
         env, pointers = self.bind(batch, share)
         for name, value in feeds.items():
             target = env[name]
@@ -207,7 +333,7 @@ class LLVMExecutable:
         env.scalars.update(scalars or {})
         for k, name in enumerate(self.scalar_names):
             self.scalars[k] = env.scalars.get(name, 0.0)
-        self.workers.run(self.phases[phase], ctypes.addressof(pointers), self.scalars.ctypes.data, batch,
+        self.workers.run(function, ctypes.addressof(pointers), self.scalars.ctypes.data, batch,
                          self.barrier.ctypes.data)
         if self.checked:
             self.raise_violation(batch)
