@@ -567,3 +567,36 @@ def test_predict_and_batch_changes_without_recompiling():
     x = np.random.default_rng(1).standard_normal((7, *shape))
     for n in (7, 1, 3):
         np.testing.assert_allclose(model.predict(x[:n]), ref.predict(x[:n]), rtol=1e-4, atol=1e-6)
+
+
+def test_phases_compile_on_first_use_and_share_one_program_code():
+    """A compile compiles what a trainer runs (train, loss_eval, predict); the gradients alone, in
+    each mode, compile when first asked for, calling the kernels already compiled and defining
+    only new ones, on buffers laid out again with the new phase's kernels; a second model of the
+    same network shares the code, so nothing is compiled twice. Gradients equal the NumPy
+    backend's, every buffer poisoned before the first run of the new phase."""
+    build, shape = NETS["batchnorm"]
+    models = [cc.compile(build(), shape, nn.CrossEntropyLoss(), cc.optim.SGD(0.1), backend=backend, seed=2)
+              for backend in ("numpy", "llvm", "llvm")]
+    code = models[1].executable.code
+    assert models[2].executable.code is code
+    assert sorted(code.facts) == ["loss_eval", "predict", "train"] and len(code.parts) == 1
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((5, *shape)).astype(np.float32), rng.integers(0, 5, 5)
+    for mode, phase in (("train", "grads"), ("eval", "grads_eval")):
+        for m in models:
+            m.train(mode == "train")
+        want_loss, want = models[0].loss_and_grads(x, y)
+        parts = len(code.parts)
+        models[1].executable.function(phase)  # compiled, and the buffers laid out again with it
+        assert len(code.parts) == parts + 1 and phase in code.facts
+        new_part = code.parts[-1].ir_text
+        assert f"_{phase}_f" in new_part and "declare void @cc_" in new_part  # new kernels, and the first part's
+        for m in models[1:]:
+            poison(m.executable, 5, share=True)
+            loss, grads = m.loss_and_grads(x, y)
+            assert abs(loss - want_loss) <= 1e-5 * max(1.0, abs(want_loss))
+            for k in want:
+                scale = max(float(np.abs(want[k]).max()), 1e-6)
+                assert np.abs(grads[k] - want[k]).max() / scale < 1e-4, (phase, k)
+        assert len(code.parts) == parts + 1  # the second model compiled nothing

@@ -27,8 +27,11 @@ COMPILE_AND_TRAIN = textwrap.dedent("""
     rng = np.random.default_rng(0)
     losses = [m.train_step(rng.standard_normal((9, 1, 16, 16)), rng.integers(0, 10, 9)) for _ in range(3)]
     sympy_imported = "sympy" in sys.modules  # (a warm start runs the stored program without it)
+    first = sorted(m.executable.code.facts)  # the phases compiled so far
+    x, y = rng.standard_normal((5, 1, 16, 16)), rng.integers(0, 10, 5)
+    grads_loss, grads = m.loss_and_grads(x, y)  # a phase compiled on first use (sympy: it is written then)
     np.savez(sys.argv[1], warm=m.warm_start, sympy=sympy_imported, losses=losses, explained=m.explain(),
-             **m.state_dict())
+             first=first, grads_loss=grads_loss, **{"grad " + k: v for k, v in grads.items()}, **m.state_dict())
 """)
 
 
@@ -48,7 +51,9 @@ def assert_same_training(a, b):
 
 def test_warm_start_derives_nothing_and_trains_identically(tmp_path):
     """A second process loads the stored program: it derives nothing, imports no sympy, trains to
-    the same bits and explains the same formulas."""
+    the same bits and explains the same formulas; a phase compiled on first use there (the
+    gradients alone, written from the stored program, calling the stored kernels) gives the cold
+    process's bits too."""
     cold = run(tmp_path, "cold")
     assert not cold["warm"]
     assert len(list((tmp_path / "cache").glob("*.program"))) == 1
@@ -57,6 +62,7 @@ def test_warm_start_derives_nothing_and_trains_identically(tmp_path):
     # import, compile from the stored program and train without sympy (half a second to import);
     # the stored formulas load, with it, only when something reads them: explain's text is the same
     assert cold["sympy"] and not warm["sympy"]
+    assert list(cold["first"]) == ["loss_eval", "predict", "train"]
     assert_same_training(cold, warm)
 
 
