@@ -109,40 +109,77 @@ def compile_workers() -> int:
     return max(1, min(2, len(os.sched_getaffinity(0))))
 
 
-def compile_parts(parts: list[str], t: Target | None = None) -> list[bytes]:
-    """Object code for each part. llvmlite serialises every call into LLVM behind one lock, so
-    threads cannot overlap; the other parts go to forked processes (which inherit the loaded
-    LLVM and need no imports) while this one compiles the first."""
-    t = resolve(t)
-    if len(parts) <= 1 or compile_workers() == 1:
-        return [compile_part(p, t) for p in parts]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(min(len(parts) - 1, compile_workers() - 1),
-                             mp_context=multiprocessing.get_context("fork")) as pool:
-        others = pool.map(compile_part, parts[1:], [t] * (len(parts) - 1))
-        first = compile_part(parts[0], t)
-        return [first, *others]
+class Compilation:
+    """Modules compiled while later ones are still being written. llvmlite serialises every call
+    into LLVM behind one lock, so threads cannot overlap: each module goes to a forked worker
+    process (which inherits the loaded LLVM and needs no imports) as soon as it is added, unless
+    the disk cache has it; `finish` compiles here those no worker has started, last first, then
+    collects the rest."""
+
+    def __init__(self, t: Target | None = None, use_cache: bool = True):
+        self.t, self.use_cache = resolve(t), use_cache
+        target(self.t)  # LLVM's targets initialised once, before any fork
+        self.texts: list[str] = []
+        self.keys: list[str] = []
+        self.objects: list[bytes | None] = []
+        self.futures: list = []
+        self.pool = None
+
+    def add(self, texts: list[str]) -> None:
+        for text in texts:
+            key = fingerprint(text, self.t)
+            obj = read_cache(key) if self.use_cache else None
+            self.texts.append(text)
+            self.keys.append(key)
+            self.objects.append(obj)
+            self.futures.append(None if obj is not None or compile_workers() == 1
+                                else self.worker().submit(compile_part, text, self.t))
+
+    def worker(self):
+        if self.pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+            self.pool = ProcessPoolExecutor(compile_workers() - 1, mp_context=multiprocessing.get_context("fork"))
+        return self.pool
+
+    def finish(self) -> list[bytes]:
+        """Every module's object code (fresh ones stored in the disk cache)."""
+        fresh = [obj is None for obj in self.objects]
+        try:
+            for j in reversed(range(len(self.texts))):  # (a worker takes them from the front)
+                if self.objects[j] is None and (self.futures[j] is None or self.futures[j].cancel()):
+                    self.objects[j] = compile_part(self.texts[j], self.t)
+            for j, future in enumerate(self.futures):
+                if self.objects[j] is None:
+                    self.objects[j] = future.result()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(cancel_futures=True)
+        if self.use_cache:
+            for key, obj, new in zip(self.keys, self.objects, fresh):
+                if new:
+                    write_cache(key, obj)
+        self.from_cache = not any(fresh)
+        return self.objects
 
 
 class Compiled:
     """Machine code for one program (one or several modules) compiled for one target, loaded
     into the process's engine."""
 
-    def __init__(self, ir_parts, use_cache: bool = True, t: Target | None = None):
+    def __init__(self, ir_parts, use_cache: bool = True, t: Target | None = None,
+                 compilation: Compilation | None = None):
+        """``compilation``: the modules' compilation, already under way (`Compilation`)."""
         self.target = t = resolve(t)
         parts = [ir_parts] if isinstance(ir_parts, str) else list(ir_parts)
         self.ir_text = "\n".join(parts)
         self.key = fingerprint(self.ir_text, t)
         keys = [fingerprint(p, t) for p in parts]
-        objects = [read_cache(k) if use_cache else None for k in keys]
-        target(t)  # LLVM's targets initialised once, before any fork
-        missing = [j for j, o in enumerate(objects) if o is None]
-        for j, obj in zip(missing, compile_parts([parts[j] for j in missing], t)):
-            objects[j] = obj
-            if use_cache:
-                write_cache(keys[j], obj)
-        self.from_cache = not missing
+        if compilation is None:
+            compilation = Compilation(t, use_cache)
+            compilation.add(parts)
+        objects = compilation.finish()
+        self.from_cache = compilation.from_cache
         eng = engine()
         with _lock:
             for j, obj in enumerate(objects):

@@ -22,6 +22,10 @@ from .target import Target, resolve
 from .phases import UNITS_PHASE
 
 
+MODULE_BYTES = 120_000  # of IR per module (LLVM: about 0.5 s on a Zen 3 core): enough pieces to share out
+MAX_MODULES = 16
+
+
 class ModuleWriter(Nests):
     """The program (rewritten for the target: `codegen.code_program`) as LLVM modules."""
 
@@ -155,15 +159,17 @@ class ModuleWriter(Nests):
         drivers += unit_drivers(self.prefix, UNITS_PHASE, self.calls(UNITS_PHASE), self.tensor_ids)
         return assemble(self.head(), [self.headed(f) for f in self.functions], drivers, [], n, internal=n <= 1)
 
-    def part(self, phases: list[str], n: int, tag: str = "") -> list[str]:
+    def part(self, phases: list[str], tag: str = "") -> list[str]:
         """``phases``' drivers and the kernel functions they call that no earlier part defined (named
-        with ``tag``), as ``n`` modules; functions of earlier parts are declared."""
+        with ``tag``), as modules of about `MODULE_BYTES` each (compiled in parallel); functions
+        of earlier parts are declared."""
         self.tag, first = tag, len(self.functions)
         drivers = [self.driver(phase) for phase in phases]
         self.tag = ""
         new = self.functions[first:]
         earlier = dict(self.known.values()) | {function_name(f): declaration(f) for f in self.functions[:first]}
         called = {name for phase in phases for name, _ in self.calls(phase)} - {function_name(f) for f in new}
+        n = min(MAX_MODULES, 1 + sum(len(text) for text in new + drivers) // MODULE_BYTES)
         return assemble(self.head(), [self.headed(f) for f in new], drivers, sorted(earlier[n] for n in called), n)
 
 

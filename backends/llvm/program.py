@@ -11,7 +11,9 @@ predicting with batch sizes 1..300 held 1.9 GB). The views of the last few batch
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import pickle
 import re
 import threading
 import weakref
@@ -24,7 +26,7 @@ from cnncompile.ir.errors import CompileError
 from cnncompile.ir.expr import SEGMENT, Program, concrete_shape
 from cnncompile.backends.env import Env
 from .drivers import BARRIER_DECLARES, assemble, declare, unit_drivers, unit_phase
-from .jit import Compiled, compile_workers, fingerprint
+from .jit import Compilation, Compiled, compile_workers
 from .phases import UNITS_PHASE
 from .target import Target, resolve
 from .workers import pool
@@ -32,7 +34,6 @@ from .workers import pool
 ALIGN = 64
 PHASE_SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                    ctypes.c_int64, ctypes.c_void_p)
-PLACEHOLDER = "cnncc_PREFIX"  # stands for the function-name prefix until the IR's hash is known
 KEEP_BATCH_SIZES = 8  # buffer views (not memory) kept per executable
 _loaded: dict[str, Compiled] = {}
 _loaded_lock = threading.Lock()
@@ -75,31 +76,53 @@ def eager_phases(prog: Program) -> list[str]:
     return ["predict"] + (["loss_eval"] if prog.loss else []) + (["train"] if prog.update else [])
 
 
-def layout(prog: Program) -> str:
-    """What, besides the code compiled first, tells programs apart: the stages of every phase,
-    and the grads phase's cuts (phases compiled later are named after the first part's hash;
-    two programs sharing that name must write the same code for every phase)."""
-    return repr([(phase, [s.out for _, _, s in prog.phase_stages(phase)]) for phase in prog.phase_names()])
+def program_prefix(code_prog: Program, ftype: str, target: Target, checked: bool, choices: dict | None) -> str:
+    """The name every function of the program starts with, from everything that decides its code
+    (the rewritten program, pickled, and the options): known before any IR is written, so the
+    first modules compile while the rest are written, and the phases compiled later on first use
+    are named after it too. Two programs share it only if they write the same code."""
+    options = repr((ftype, target.key(), checked, sorted((k, sorted(v.items())) for k, v in (choices or {}).items())))
+    digest = hashlib.sha256(pickle.dumps(code_prog, protocol=4) + options.encode())
+    return "cc_" + digest.hexdigest()[:16]
 
 
 class ProgramCode:
-    """One program's machine code in this process, shared by every executable of it: the part
-    compiled with it, and each phase compiled later on first use (written by one `ModuleWriter`
-    that calls the earlier parts' kernel functions, so names never clash)."""
+    """One program's machine code in this process, shared by every executable of it: the phases
+    compiled with it, and each other phase compiled on first use (written by one `ModuleWriter`
+    that calls the kernel functions compiled before, so names never clash)."""
 
-    def __init__(self, prefix: str, texts: list[str], manifest: dict, ftype: str, target: Target, checked: bool,
-                 choices: dict | None, use_cache: bool, writer=None):
-        self.prefix, self.manifest, self.ftype, self.target = prefix, manifest, ftype, target
+    def __init__(self, manifest: dict, ftype: str, target: Target, checked: bool, choices: dict | None,
+                 use_cache: bool, writer=None, compilation: Compilation | None = None):
+        """``compilation``: the first modules' (`manifest["texts"]`) compilation, under way."""
+        self.prefix, self.manifest, self.ftype, self.target = manifest["prefix"], manifest, ftype, target
         self.checked, self.choices, self.use_cache = checked, choices, use_cache
         self.writer = writer  # (made when a later phase is first written, if not handed over)
         self.parts: list[Compiled] = []
         self.defined: set[str] = set()  # every function the parts define
-        self.add_part(texts)
+        self.add_part(manifest["texts"], compilation)
         self.facts = {p: {"steps": {p: manifest["steps"][p]} if p in manifest["steps"] else {},
                           "calls": manifest["calls"][p]} for p in manifest["phases"]}
         if UNITS_PHASE in self.facts:
             self.facts[UNITS_PHASE].update(units=manifest["units"], elided=manifest["elided"])
         self.lock = threading.Lock()
+
+    @classmethod
+    def write(cls, code_prog: Program, prefix: str, phases: list[str], ftype: str, target: Target, checked: bool,
+              choices: dict | None, use_cache: bool) -> "ProgramCode":
+        """Write ``phases`` one after the other, each part's modules compiling (in a worker
+        process) while the next part is written."""
+        from .codegen import ModuleWriter
+        writer = ModuleWriter(code_prog, ftype, prefix, checked=checked, target=target, choices=choices)
+        compilation, texts = Compilation(target, use_cache), []
+        for phase in phases:
+            part = writer.part([phase])
+            compilation.add(part)
+            texts += part
+        manifest = {"prefix": prefix, "texts": texts, "scalar_names": writer.scalar_names, "steps": writer.steps,
+                    "units": writer.units, "program": code_prog, "elided": writer.elided_tensors,
+                    "spans": lifetimes(code_prog, writer.steps), "phases": phases,
+                    "calls": {p: writer.calls(p) for p in phases}, "known": writer.defined()}
+        return cls(manifest, ftype, target, checked, choices, use_cache, writer, compilation)
 
     def load(self, phase: str) -> dict:
         """The phase's facts (its steps, calls, units), compiling its code first if needed."""
@@ -115,10 +138,9 @@ class ProgramCode:
         writer = self.writer
         if writer is None:
             from .codegen import ModuleWriter
-            writer = self.writer = ModuleWriter(self.manifest["program"], self.ftype, PLACEHOLDER, checked=self.checked,
+            writer = self.writer = ModuleWriter(self.manifest["program"], self.ftype, self.prefix, checked=self.checked,
                                                 target=self.target, choices=self.choices, known=self.manifest["known"])
-        texts = writer.part([phase], compile_workers(), tag=f"{phase}_")
-        self.add_part(texts)
+        self.add_part(writer.part([phase], tag=f"{phase}_"))
         laid_out = "grads" if phase.startswith(SEGMENT) else phase  # (segments use the grads phase's buffers)
         writer.plan(laid_out)
         self.facts[phase] = {"steps": {laid_out: writer.steps[laid_out]}, "calls": writer.calls(phase)}
@@ -131,21 +153,19 @@ class ProgramCode:
             self.load_phase(UNITS_PHASE)
         calls = self.facts[UNITS_PHASE]["calls"]
         tensor_ids = {name: k for k, name in enumerate(self.manifest["program"].tensors)}
-        texts = assemble(BARRIER_DECLARES, [], unit_drivers(PLACEHOLDER, UNITS_PHASE, calls, tensor_ids),
-                         sorted({declare(name, len(tensors)) for name, tensors in calls}), 1)
-        self.add_part(texts)
+        self.add_part(assemble(BARRIER_DECLARES, [], unit_drivers(self.prefix, UNITS_PHASE, calls, tensor_ids),
+                               sorted({declare(name, len(tensors)) for name, tensors in calls}), 1))
         for j in range(len(calls)):
             self.facts[unit_phase(UNITS_PHASE, j)] = {"steps": {}, "calls": [calls[j]]}
 
-    def add_part(self, texts: list[str]) -> None:
+    def add_part(self, texts: list[str], compilation: Compilation | None = None) -> None:
         """Compile and load a part, once every function it calls is known to be defined (an
         unresolved call would jump to address 0)."""
-        texts = [t.replace(PLACEHOLDER, self.prefix) for t in texts]
         defined = self.defined | {m for t in texts for m in re.findall(r"^define (?:internal )?void (@[\w.$-]+)", t, re.M)}
         missing = {m for t in texts for m in re.findall(r"^declare void (@cc_[\w.$-]+)", t, re.M)} - defined
         if missing:
             raise RuntimeError(f"internal: generated code calls undefined functions {sorted(missing)[:3]}")
-        self.parts.append(Compiled(texts, self.use_cache, self.target))
+        self.parts.append(Compiled(texts, self.use_cache, self.target, compilation))
         self.defined = defined
 
     def address(self, phase: str) -> int:
@@ -156,12 +176,13 @@ class LLVMExecutable:
     name = "llvm"
 
     def __init__(self, prog: Program, dtype=np.float32, use_cache: bool = True, manifest: dict | None = None,
-                 target: Target | str | None = None, choices: dict | None = None):
+                 target: Target | str | None = None, choices: dict | None = None, phases: list[str] | None = None):
         """``manifest`` is what an earlier compile of the same program generated (see
         `manifest()`, stored by the program cache): given, no IR is written again. ``target``:
         what the code is written for (a `Target` or its name; default `target.resolve`'s).
         ``choices``: the tuner's per-kernel overrides of the schedule (`tuner`; default: none,
-        the target's rules)."""
+        the target's rules). ``phases``: those compiled now (default `eager_phases`; the others
+        compile when first run)."""
         self.dtype = np.dtype(dtype)
         self.target = resolve(target)
         self.choices = dict(choices or {})  # (what model.schedule() shows)
@@ -173,33 +194,23 @@ class LLVMExecutable:
                 f"with LLVM 20 at every optimization level but none). Check the 8-lane code here "
                 f"(CNNCOMPILE_TARGET=avx2), or the 16-lane code on a host with AVX-512")
         ftype = "float" if self.dtype == np.float32 else "double"
-        if manifest is None:  # (a stored manifest needs none of the code generator, nor sympy)
-            from .codegen import ModuleWriter, code_program
-            code_prog = code_program(prog, ftype, self.target)
-            writer = ModuleWriter(code_prog, ftype, PLACEHOLDER, checked=self.checked, target=self.target,
-                                  choices=choices)
-            phases = eager_phases(code_prog)
-            texts = writer.part(phases, compile_workers())
-            manifest = {"texts": texts, "scalar_names": writer.scalar_names, "steps": writer.steps,
-                        "units": writer.units, "program": code_prog, "elided": writer.elided_tensors,
-                        "spans": lifetimes(code_prog, writer.steps), "phases": phases,
-                        "calls": {p: writer.calls(p) for p in phases}, "known": writer.defined(),
-                        "layout": layout(code_prog)}
-        else:
-            writer = None
-        self._manifest = manifest
+        with _loaded_lock:  # (one compile at a time: a program's functions are defined once in the process)
+            if manifest is None:  # (a stored manifest needs none of the code generator, nor sympy)
+                from .codegen import code_program
+                code_prog = code_program(prog, ftype, self.target)
+                prefix = program_prefix(code_prog, ftype, self.target, self.checked, choices)
+                if prefix not in _loaded:
+                    _loaded[prefix] = ProgramCode.write(code_prog, prefix, list(phases or eager_phases(code_prog)),
+                                                        ftype, self.target, self.checked, choices, use_cache)
+            elif manifest["prefix"] not in _loaded:
+                _loaded[manifest["prefix"]] = ProgramCode(manifest, ftype, self.target, self.checked, choices, use_cache)
+            self.code = _loaded[prefix if manifest is None else manifest["prefix"]]
+        manifest = self._manifest = self.code.manifest
         self.prog = manifest["program"]  # the program the code was written from (with packed layouts)
-        texts = manifest["texts"]
         self.scalar_names, self.steps = manifest["scalar_names"], dict(manifest["steps"])
         self.unit_stages = manifest["units"]
         self.spans = manifest["spans"]  # every tensor's lifetime (`ir.buffers.lifetimes`), batch-independent
         self.elided = set(manifest["elided"])  # train-phase values kept in registers only (never stored)
-        prefix = "cc_" + fingerprint("\n".join(texts + [manifest["layout"]]), self.target)[:16]
-        with _loaded_lock:
-            if prefix not in _loaded:
-                _loaded[prefix] = ProgramCode(prefix, [t.replace(PLACEHOLDER, prefix) for t in texts], manifest,
-                                              ftype, self.target, self.checked, choices, use_cache, writer)
-        self.code = _loaded[prefix]
         self.phases = {}  # phase → its native function, once this executable has run it
         self.state = {n: self.allocate(s, 1) for n, s in prog.tensors.items() if s.role in PERSISTENT}
         self.arenas: dict[bool, np.ndarray] = {}  # per sharing mode: the largest plan's bytes

@@ -196,7 +196,7 @@ class Tuner:
             t0 = time.monotonic()
             trial = dict(known)
             trial.update({fp: c[k] for fp, c in missing.items() if k < len(c)})
-            exe = LLVMExecutable(self.prog, self.dtype, target=self.target, choices=trial)
+            exe = LLVMExecutable(self.prog, self.dtype, target=self.target, choices=trial, phases=[UNITS_PHASE])
             fps = {fp for fp, c in missing.items() if k < len(c)}
             rounds.append((exe, units_to_time(exe, fps, self.batch, self.ftype)))
             longest = max(longest, time.monotonic() - t0)
