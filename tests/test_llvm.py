@@ -573,7 +573,8 @@ def test_phases_compile_on_first_use_and_share_one_program_code():
     """A compile compiles what a trainer runs (train, loss_eval, predict); the gradients alone, in
     each mode, compile when first asked for, calling the kernels already compiled and defining
     only new ones, on buffers laid out again with the new phase's kernels; a second model of the
-    same network shares the code, so nothing is compiled twice. Gradients equal the NumPy
+    same network shares the code, so nothing is compiled twice, and so does one made after the
+    phase was compiled (its buffers laid out with that phase too). Gradients equal the NumPy
     backend's, every buffer poisoned before the first run of the new phase."""
     build, shape = NETS["batchnorm"]
     models = [cc.compile(build(), shape, nn.CrossEntropyLoss(), cc.optim.SGD(0.1), backend=backend, seed=2)
@@ -600,3 +601,12 @@ def test_phases_compile_on_first_use_and_share_one_program_code():
                 scale = max(float(np.abs(want[k]).max()), 1e-6)
                 assert np.abs(grads[k] - want[k]).max() / scale < 1e-4, (phase, k)
         assert len(code.parts) == parts + 1  # the second model compiled nothing
+        late = cc.compile(build(), shape, nn.CrossEntropyLoss(), cc.optim.SGD(0.1), backend="llvm", seed=2)
+        late.train(mode == "train")  # (a model made after the phase was compiled lays its buffers out with it too)
+        assert late.executable.code is code
+        poison(late.executable, 5, share=True)
+        loss, grads = late.loss_and_grads(x, y)
+        assert abs(loss - want_loss) <= 1e-5 * max(1.0, abs(want_loss))
+        for k in want:
+            scale = max(float(np.abs(want[k]).max()), 1e-6)
+            assert np.abs(grads[k] - want[k]).max() / scale < 1e-4, ("late", phase, k)

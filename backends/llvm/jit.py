@@ -109,6 +109,9 @@ def compile_workers() -> int:
     return max(1, min(2, len(os.sched_getaffinity(0))))
 
 
+BACKGROUND_BYTES = 40_000  # of IR: a smaller module compiles here (faster than forking a worker for it)
+
+
 class Compilation:
     """Modules compiled while later ones are still being written. llvmlite serialises every call
     into LLVM behind one lock, so threads cannot overlap: each module goes to a forked worker
@@ -132,7 +135,7 @@ class Compilation:
             self.texts.append(text)
             self.keys.append(key)
             self.objects.append(obj)
-            self.futures.append(None if obj is not None or compile_workers() == 1
+            self.futures.append(None if obj is not None or compile_workers() == 1 or len(text) < BACKGROUND_BYTES
                                 else self.worker().submit(compile_part, text, self.t))
 
     def worker(self):

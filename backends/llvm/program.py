@@ -118,7 +118,7 @@ class ProgramCode:
             part = writer.part([phase])
             compilation.add(part)
             texts += part
-        manifest = {"prefix": prefix, "texts": texts, "scalar_names": writer.scalar_names, "steps": writer.steps,
+        manifest = {"prefix": prefix, "texts": texts, "scalar_names": writer.scalar_names, "steps": dict(writer.steps),
                     "units": writer.units, "program": code_prog, "elided": writer.elided_tensors,
                     "spans": lifetimes(code_prog, writer.steps), "phases": phases,
                     "calls": {p: writer.calls(p) for p in phases}, "known": writer.defined()}
@@ -207,9 +207,11 @@ class LLVMExecutable:
             self.code = _loaded[prefix if manifest is None else manifest["prefix"]]
         manifest = self._manifest = self.code.manifest
         self.prog = manifest["program"]  # the program the code was written from (with packed layouts)
-        self.scalar_names, self.steps = manifest["scalar_names"], dict(manifest["steps"])
+        self.scalar_names, self.steps = manifest["scalar_names"], dict(manifest["steps"])  # (a copy: it grows)
         self.unit_stages = manifest["units"]
         self.spans = manifest["spans"]  # every tensor's lifetime (`ir.buffers.lifetimes`), batch-independent
+        if sorted(self.steps) != sorted(manifest["phases"]):  # (the spans lay out exactly the phases compiled first)
+            raise RuntimeError(f"internal: the stored steps cover {sorted(self.steps)}, the code {manifest['phases']}")
         self.elided = set(manifest["elided"])  # train-phase values kept in registers only (never stored)
         self.phases = {}  # phase → its native function, once this executable has run it
         self.state = {n: self.allocate(s, 1) for n, s in prog.tensors.items() if s.role in PERSISTENT}
