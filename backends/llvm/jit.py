@@ -109,7 +109,7 @@ def compile_workers() -> int:
     return max(1, min(2, len(os.sched_getaffinity(0))))
 
 
-BACKGROUND_BYTES = 40_000  # of IR: a smaller module compiles here (faster than forking a worker for it)
+BACKGROUND_BYTES = 10_000  # of IR: a smaller module compiles here (faster than forking a worker for it)
 
 
 class Compilation:
