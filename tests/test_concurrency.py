@@ -70,11 +70,12 @@ def test_a_worker_that_starts_late_still_serves_the_first_phase():
     assert "served" in out
 
 
-@pytest.mark.parametrize("call", ["predict", "train_step", "compile"])
+@pytest.mark.parametrize("call", ["predict", "train_step", "compile", "grads"])
 def test_a_forked_child_computes_what_the_parent_does(call):
-    """After a compile with two threads, a child forked by multiprocessing predicts, trains and
+    """After a compile with two threads, a child forked by multiprocessing predicts, trains,
     compiles another network (it used to wait forever at the native barrier: the pool's thread
-    was not copied), with results equal to the parent's."""
+    was not copied) and compiles a phase on first use (the gradients alone), with results equal
+    to the parent's."""
     out = run_python(f"""
         import multiprocessing
         call = {call!r}
@@ -92,6 +93,9 @@ def test_a_forked_child_computes_what_the_parent_does(call):
             if call == "train_step":
                 loss = m.train_step(x, y)
                 return np.array(loss), m.state_dict()
+            if call == "grads":
+                loss, grads = m.loss_and_grads(x, y)
+                return np.array(loss), grads
             other = make(3)  # a network this process has not compiled yet
             return other.predict(x), {{}}
 
@@ -248,3 +252,32 @@ def test_training_runs_smaller_batches_inside_the_largest_arena():
         fresh.train_step(x[:n], y[:n])
     for k, v in fresh.state_dict().items():
         np.testing.assert_array_equal(shared.state_dict()[k], v, err_msg=k)
+
+
+def test_two_models_compiling_the_same_phase_at_once_from_two_threads():
+    """Two models of one network share their code; asked for the gradients (a phase compiled on
+    first use) from two threads at the same moment, the phase is compiled once and both get the
+    answer a third model, asked alone afterwards, gets."""
+    models = [cc.compile(build(7), input_shape=SHAPE, loss=nn.CrossEntropyLoss(), backend="llvm", seed=3,
+                         optimizer=cc.optim.SGD(lr=0.05)) for _ in range(3)]  # (a network no other test compiles)
+    code = models[0].executable.code
+    assert all(m.executable.code is code for m in models) and "grads" not in code.facts
+    x, y = inputs()
+    start, results = threading.Barrier(2), [None, None]
+
+    def ask(k):
+        start.wait()
+        results[k] = models[k].loss_and_grads(x, y)
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    parts = len(code.parts)
+    loss, grads = models[2].loss_and_grads(x, y)
+    assert len(code.parts) == parts  # (compiled once, by one of the threads)
+    for got_loss, got in results:
+        assert got_loss == loss
+        for k in grads:
+            np.testing.assert_array_equal(got[k], grads[k], err_msg=k)
