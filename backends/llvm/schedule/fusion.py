@@ -100,6 +100,7 @@ class Scheduler:
         self.lowered: dict[int, tuple] = {}  # id(stage) → (nests, templates); stages live in prog
         self.read_sets: dict[int, set] = {}
         self.epilogues: dict[tuple, object] = {}
+        self.grids: dict[tuple, tuple] = {}  # (main, stage) by id → `on_main_grid`
 
     def single(self, stage: Stage) -> Kernel:
         """One stage as a kernel of its own."""
@@ -175,7 +176,11 @@ class Scheduler:
         """`epilogue_body`, remembered: every phase asks again about the same stages."""
         key = (id(kernel.main), tuple(id(s) for s, _ in kernel.epilogue), id(stage))
         if key not in self.epilogues:
-            self.epilogues[key] = epilogue_body(kernel, stage, self.prog)
+            def grid():
+                if (id(kernel.main), id(stage)) not in self.grids:
+                    self.grids[(id(kernel.main), id(stage))] = on_main_grid(kernel, stage)
+                return self.grids[(id(kernel.main), id(stage))]
+            self.epilogues[key] = epilogue_body(kernel, stage, self.prog, grid)
         return self.epilogues[key]
 
     def movable(self, between: list[Stage], stage: Stage) -> bool:
@@ -237,11 +242,20 @@ def reductions_closed(nest: ClassNest, order) -> tuple[int, list]:
     return level, [v for v in order[level:] if v not in reduce_]
 
 
-def epilogue_body(kernel: Kernel, stage: Stage, prog: Program):
+def on_main_grid(kernel: Kernel, stage: Stage) -> tuple:
+    """``stage``'s body over the main's variables, and the reads in it (the same for every
+    epilogue the kernel grows: `Scheduler.epilogue_body` keeps it)."""
+    main = kernel.main
+    body = stage.body.xreplace({var(v): var(m) for (v, _), (m, _) in zip(stage.domain, main.domain)})
+    return body, list(body.atoms(sympy.Indexed))
+
+
+def epilogue_body(kernel: Kernel, stage: Stage, prog: Program, grid=None):
     """``stage``'s body over the main's variables if it can run in the epilogue, else None: it is
     elementwise over the main's output points (same extents, identity index), reads what the
     kernel made only at the output point, reads everything else in range, and writes nothing the
-    main reads (earlier epilogue stages read it, if at all, at the same point: they run first)."""
+    main reads (earlier epilogue stages read it, if at all, at the same point: they run first).
+    ``grid``: a function giving `on_main_grid`'s answer (remembered by the caller)."""
     if stage.combine is not None or stage.reduce or stage.argmax or stage.accumulate:
         return None
     main = kernel.main
@@ -253,22 +267,21 @@ def epilogue_body(kernel: Kernel, stage: Stage, prog: Program):
         return None
     if stage.out in {tensor_of(r) for r in main.reads()}:
         return None
-    body = stage.body.xreplace({var(v): var(m) for (v, _), (m, _) in zip(stage.domain, main.domain)})
+    body, reads = grid() if grid is not None else on_main_grid(kernel, stage)
     point = tuple(Affine.var(m) for m, _ in main.domain)
 
     def at_point(r):
         return tuple(Affine.from_sympy(i) for i in r.indices) == point
 
-    if not all(at_point(r) for r in body.atoms(sympy.Indexed) if tensor_of(r) in kernel.made):
+    if not all(at_point(r) for r in reads if tensor_of(r) in kernel.made):
         return None
     if not all(at_point(r) for _, earlier in kernel.epilogue for r in earlier.atoms(sympy.Indexed)
                if tensor_of(r) == stage.out):
         return None
-    others = [r for r in body.atoms(sympy.Indexed) if tensor_of(r) not in kernel.made]
+    others = [r for r in reads if tensor_of(r) not in kernel.made]
     if read_ranges(sympy.Add(*others), main.domain, shapes_of(prog, {tensor_of(r) for r in others})):
         return None
-    rest = body.xreplace({r: sympy.Symbol(f"made{k}") for k, r in enumerate(body.atoms(sympy.Indexed))
-                          if tensor_of(r) in kernel.made})
+    rest = body.xreplace({r: sympy.Symbol(f"made{k}") for k, r in enumerate(reads) if tensor_of(r) in kernel.made})
     for nest, templates in zip(kernel.nests, kernel.templates):
         if templates[0].kind in REGISTER_ROWS and not templates[0].scatter:  # (scatter: lane by lane)
             if not vector_epilogue(substitute(rest, nest.subst), templates[0].row, {v for v, _ in nest.grid}, prog):
