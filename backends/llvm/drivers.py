@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 
-
 def driver(prefix: str, phase: str, calls, tensor_ids: dict[str, int]) -> str:
     """``@{prefix}_{phase}``: each call (a kernel function and the tensors it takes, by name)
     with its buffers read from the phase's table of pointers, then the barrier."""

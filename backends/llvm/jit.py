@@ -176,11 +176,11 @@ class Compiled:
         self.target = t = resolve(t)
         parts = [ir_parts] if isinstance(ir_parts, str) else list(ir_parts)
         self.ir_text = "\n".join(parts)
-        self.key = fingerprint(self.ir_text, t)
-        keys = [fingerprint(p, t) for p in parts]
         if compilation is None:
             compilation = Compilation(t, use_cache)
             compilation.add(parts)
+        keys = compilation.keys  # (each module's object-cache key, hashed once)
+        self.key = keys[0] if len(keys) == 1 else fingerprint(self.ir_text, t)
         objects = compilation.finish()
         self.from_cache = compilation.from_cache
         eng = engine()

@@ -26,7 +26,7 @@ from cnncompile.ir.errors import CompileError
 from cnncompile.ir.expr import SEGMENT, Program, concrete_shape
 from cnncompile.backends.env import Env
 from .drivers import BARRIER_DECLARES, assemble, declare, unit_drivers, unit_phase
-from .jit import Compilation, Compiled, compile_workers
+from .jit import Compilation, Compiled
 from .phases import UNITS_PHASE
 from .target import Target, resolve
 from .workers import pool
@@ -76,12 +76,17 @@ def eager_phases(prog: Program) -> list[str]:
     return ["predict"] + (["loss_eval"] if prog.loss else []) + (["train"] if prog.update else [])
 
 
+def choices_key(choices: dict) -> list:
+    """The tuner's choices in a fixed order (for keys and hashes)."""
+    return sorted((k, sorted(v.items())) for k, v in choices.items())
+
+
 def program_prefix(code_prog: Program, ftype: str, target: Target, checked: bool, choices: dict | None) -> str:
     """The name every function of the program starts with, from everything that decides its code
     (the rewritten program, pickled, and the options): known before any IR is written, so the
     first modules compile while the rest are written, and the phases compiled later on first use
     are named after it too. Two programs share it only if they write the same code."""
-    options = repr((ftype, target.key(), checked, sorted((k, sorted(v.items())) for k, v in (choices or {}).items())))
+    options = repr((ftype, target.key(), checked, choices_key(choices or {})))
     digest = hashlib.sha256(pickle.dumps(code_prog, protocol=4) + options.encode())
     return "cc_" + digest.hexdigest()[:16]
 
@@ -227,11 +232,10 @@ class LLVMExecutable:
     @staticmethod
     def codegen_options(target: Target | str | None = None, choices: dict | None = None) -> tuple:
         """What, besides the program, decides the generated IR (part of the program cache key):
-        the bounds checks, the module split, the target, and (a tuned compile, even one that kept
-        every rule) the tuner's choices."""
-        tuned = () if choices is None else (("tuned", sorted((k, sorted(v.items())) for k, v in choices.items())),)
-        return ("checked" if os.environ.get("CNNCOMPILE_CHECK") == "1" else "plain", compile_workers(),
-                resolve(target).key()) + tuned
+        the bounds checks, the target, and (a tuned compile, even one that kept every rule) the
+        tuner's choices. (Modules are split by size, not by the number of cores.)"""
+        tuned = () if choices is None else (("tuned", choices_key(choices)),)
+        return ("checked" if os.environ.get("CNNCOMPILE_CHECK") == "1" else "plain", resolve(target).key()) + tuned
 
     def manifest(self) -> dict:
         """The generated IR and the facts the runtime needs about it, for the program cache."""
